@@ -1,0 +1,260 @@
+"""Corruption-tolerant ImageFolder and the per-stage sample datasets.
+
+Keys: every sample dataset accepts ``dataset[(index, seed)]`` (what the resumable sampler in
+``beit_scale/train`` yields) or a plain ``dataset[index]`` (then ``seed = index``). All random
+choices of a sample (crop, flip, colour jitter, mask) are drawn from generators seeded from
+that key inside ``seeded(seed)``, which restores the caller's generator states afterwards; so
+a sample is the same whatever the worker count, the worker it lands on, or the order, and
+loading with ``num_workers=0`` does not disturb the training process's RNG (dropout etc.).
+
+Bad files: a file that cannot be decoded (truncated JPEG, non-image bytes) is skipped with a
+warning naming it, recorded (``SafeImageFolder.bad_files`` and the per-process
+``bad_file_report()``), and replaced by the next readable index, so batch shapes never change.
+In DataLoader workers the warning is printed by the worker (the main process's report does
+not see worker-side files); ``SafeImageFolder.verify()`` scans everything up front if a
+complete list is wanted in the main process.
+"""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# path -> reason, for every unreadable file this process has met (see bad_file_report()).
+_BAD_FILES: dict[str, str] = {}
+
+
+def bad_file_report() -> list[tuple[str, str]]:
+    """``[(path, reason), ...]`` of the unreadable files this process skipped so far."""
+    return sorted(_BAD_FILES.items())
+
+
+def bad_file_summary(max_names: int = 5) -> str | None:
+    """One line for the trainer's log ("skipped N unreadable files: ..."), or None if none."""
+    bad = bad_file_report()
+    if not bad:
+        return None
+    names = ", ".join(p for p, _ in bad[:max_names])
+    more = f" (+{len(bad) - max_names} more)" if len(bad) > max_names else ""
+    return f"skipped {len(bad)} unreadable image file(s): {names}{more}"
+
+
+class SafeImageFolder:
+    """``root/<class>/**/<image>`` -> ``samples = [(path, class_index)]`` (sorted classes)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist (or is not a directory). Expected "
+                f"the ImageFolder layout {self.root}/<class_name>/<image>.jpg; set it with "
+                f"data.path (leave data.path unset for the built-in synthetic dataset).")
+        self.classes = sorted(e.name for e in os.scandir(self.root)
+                              if e.is_dir() and not e.name.startswith("."))
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for c in self.classes:
+            for dirpath, dirnames, files in os.walk(self.root / c, followlinks=True):
+                dirnames.sort()
+                for f in sorted(files):
+                    if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
+                        self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))
+        if not self.samples:
+            hint = ""
+            if (self.root / "train").is_dir():
+                hint = f" (it has a train/ folder: did you mean {self.root / 'train'}?)"
+            raise ValueError(
+                f"empty dataset: no images ({', '.join(IMG_EXTENSIONS)}) found under "
+                f"{self.root}/<class_name>/{hint}. Expected the ImageFolder layout "
+                f"{self.root}/<class_name>/<image>.jpg; set it with data.path.")
+        self.targets = [t for _, t in self.samples]
+        self.bad_files: list[tuple[str, str]] = []
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> Image.Image | None:
+        """Image ``i`` as RGB, or None (with a warning, recorded once) if it cannot be read."""
+        if i in self._bad:
+            return None
+        path = self.samples[i][0]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")  # convert() forces the full decode inside the try
+        except Exception as e:  # noqa: BLE001 - any decoder failure must not kill a worker
+            reason = f"{type(e).__name__}: {e}"
+            self._bad.add(i)
+            self.bad_files.append((path, reason))
+            _BAD_FILES[path] = reason
+            warnings.warn(f"skipping unreadable image file {path} ({reason})", RuntimeWarning,
+                          stacklevel=2)
+            return None
+
+    def load_good(self, i: int) -> tuple[Image.Image, int]:
+        """Image ``i``, or if it is unreadable the next readable one: ``(image, index_used)``."""
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            img = self.load(j)
+            if img is not None:
+                return img, j
+        raise RuntimeError(f"every image under {self.root} is unreadable; see the warnings "
+                           f"above (first: {self.bad_files[:1]})")
+
+    def verify(self) -> list[tuple[str, str]]:
+        """Decode every file once in this process; return the unreadable ones."""
+        for i in range(len(self.samples)):
+            self.load(i)
+        return list(self.bad_files)
+
+    def __repr__(self) -> str:
+        return f"SafeImageFolder({self.root}, {len(self.samples)} images, " \
+               f"{len(self.classes)} classes)"
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def parse_key(key) -> tuple[int, int]:
+    """``(index, seed)`` from a sampler key: a pair, or a plain int (then seed = index)."""
+    if isinstance(key, (tuple, list)) and len(key) == 2:
+        index, seed = int(key[0]), int(key[1])
+    elif isinstance(key, (int, np.integer)) or (torch.is_tensor(key) and key.numel() == 1):
+        index = int(key)
+        seed = index
+    else:
+        raise TypeError(f"dataset key must be an int index or an (index, seed) pair, got {key!r}")
+    if seed < 0:
+        raise ValueError(f"sample seed must be >= 0, got {seed}")
+    return index, seed
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[np.random.Generator]:
+    """Seed python ``random``, numpy's legacy and torch's CPU generator from ``seed``; yield a
+    fresh ``np.random.Generator`` (for the masker); restore all previous states on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
+    ss = np.random.SeedSequence(seed)
+    # Independent streams per library (one seed for all would correlate them needlessly).
+    w = ss.generate_state(4, dtype=np.uint32)
+    random.seed(int(w[0]))
+    np.random.seed(int(w[1]))
+    # Only the CPU generator: torch.manual_seed would also queue CUDA/XPU re-seeds (with a
+    # captured stack trace, ~0.5 ms) and transforms run on CPU anyway.
+    torch.default_generator.manual_seed((int(w[2]) << 32) | int(w[3]))
+    try:
+        yield np.random.default_rng(ss.spawn(1)[0])
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class _KeyedDataset(Dataset):
+    def __init__(self, folder: SafeImageFolder | str | os.PathLike, transform: Callable):
+        self.folder = folder if isinstance(folder, SafeImageFolder) else SafeImageFolder(folder)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def _index(self, index: int) -> int:
+        n = len(self.folder)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {len(self.folder)} images")
+        return index % n
+
+
+class MIMDataset(_KeyedDataset):
+    """key -> ``(img_224 normalised [3,224,224], img_112 in [0,1] [3,112,112], mask bool[196])``.
+
+    ``masker(rng) -> np.ndarray[bool] (14, 14)`` (``beit_scale.data.masking.MaskingGenerator``).
+    """
+
+    def __init__(self, folder, transform, masker: Callable[[np.random.Generator], np.ndarray]):
+        super().__init__(folder, transform)
+        self.masker = masker
+
+    def __getitem__(self, key):
+        index, seed = parse_key(key)
+        img, _ = self.folder.load_good(self._index(index))
+        with seeded(seed) as rng:
+            big, small = self.transform(img)
+            mask = np.asarray(self.masker(rng), dtype=bool)
+        return big, small, torch.from_numpy(mask.reshape(-1).copy())
+
+
+class TokenizerDataset(_KeyedDataset):
+    """key -> ``(img_112 in [0,1],)`` for training the dVAE."""
+
+    def __getitem__(self, key):
+        index, seed = parse_key(key)
+        img, _ = self.folder.load_good(self._index(index))
+        with seeded(seed):
+            return (self.transform(img),)
+
+
+class ClassifyDataset(_KeyedDataset):
+    """key -> ``(img normalised, label)``; a bad file's substitute brings its own label."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.folder.classes)
+
+    def __getitem__(self, key):
+        index, seed = parse_key(key)
+        img, j = self.folder.load_good(self._index(index))
+        with seeded(seed):
+            return self.transform(img), self.folder.samples[j][1]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_data_root(path: str | os.PathLike | None) -> Path:
+    """``data.path`` -> dataset root (with train/ and val/). None or "synthetic" means the
+    embedded synthetic set (generated on first use, cached)."""
+    if path is None or str(path) == "synthetic":
+        from .synthetic import ensure_synthetic_imagefolder
+        return ensure_synthetic_imagefolder()
+    return Path(path).expanduser()
+
+
+def build_dataset(stage: str, root: str | os.PathLike | None, split: str = "train", *,
+                  masker=None, input_size: int = 224, second_input_size: int = 112,
+                  **transform_kwargs) -> Dataset:
+    """One-call construction: ``stage`` in {"tokenizer", "mim", "classify"};
+    ``root/split`` must be an ImageFolder; extra kwargs go to the stage's transform."""
+    from .transforms import ClassifyTransform, MIMTransform, TokenizerTransform
+    folder = SafeImageFolder(resolve_data_root(root) / split)
+    if stage == "mim":
+        if masker is None:
+            from .masking import MaskingGenerator
+            grid = input_size // 16
+            # BEiT masks 75 of 196 patches (~40%); keep that fraction for other grids.
+            masker = MaskingGenerator(input_size=(grid, grid),
+                                      num_masking_patches=max(1, round(grid * grid * 75 / 196)))
+        return MIMDataset(folder, MIMTransform(input_size, second_input_size,
+                                               **transform_kwargs), masker)
+    if stage == "tokenizer":
+        return TokenizerDataset(folder, TokenizerTransform(second_input_size, **transform_kwargs))
+    if stage == "classify":
+        return ClassifyDataset(folder, ClassifyTransform(split == "train", input_size,
+                                                         **transform_kwargs))
+    raise ValueError(f"unknown stage {stage!r}: expected 'tokenizer', 'mim' or 'classify'")
