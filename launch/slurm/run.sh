@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# launch/slurm/run.sh SCRIPT [ARGS...]
+#
+# The one launcher behind every launch/slurm/*.sbatch: inside an allocation, start one srun
+# task per GPU running `python -u SCRIPT ARGS...`, and implement the preemption protocol.
+# All other logic lives in Python: each rank calls beit_scale.dist.detect_dist_env() to turn
+# the SLURM_* variables into RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
+#
+# Preemption protocol (contract with beit_scale/train/checkpoint.py):
+#   1. Slurm sends SIGUSR1 to this batch shell (#SBATCH --signal=B:USR1@SECONDS, or by hand:
+#      `scancel --signal=USR1 --batch JOBID`). SIGTERM is treated the same way.
+#   2. We forward it to srun, which forwards it to every training rank.
+#   3. Each rank finishes the step in flight, saves a complete checkpoint and exits with
+#      status 3 (REQUEUE_EXIT_CODE: "checkpointed, please requeue").
+#   4. If the ranks exited 3 (or we forwarded a signal) and SLURM_RESTART_COUNT < MAX_RESTARTS,
+#      we `scontrol requeue` the job; the rerun runs the same command and the training resumes
+#      from the run dir's latest checkpoint.
+#
+# Environment knobs:
+#   PYTHON        interpreter (default: ./.venv/bin/python if present, else python3)
+#   MAX_RESTARTS  requeue at most this many times (default 3)
+#   SRUN_ARGS     extra srun flags, word-split (e.g. "--cpu-bind=cores")
+#   OMP_NUM_THREADS  default 1 per rank, as torchrun does (data loaders use processes)
+set -uo pipefail
+
+REQUEUE_EXIT_CODE=3
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RESTARTS=${SLURM_RESTART_COUNT:-0}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Slurm 22.05-23.02 srun does not inherit --cpus-per-task from the allocation; pass it on.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+
+log() { echo "[run.sh $(date '+%F %T')] $*"; }
+
+if [ $# -lt 1 ]; then echo "usage: $0 SCRIPT [ARGS...]" >&2; exit 2; fi
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "run.sh must run inside a Slurm allocation (sbatch/salloc); for a single node use" \
+         "'deepspeed --num_gpus N $1 ...' or 'torchrun --nproc_per_node N $1 ...'" >&2
+    exit 2
+fi
+
+SRUN_PID=""
+SIGNALLED=""
+forward() {
+    SIGNALLED=$1
+    log "received SIG$1: asking all ranks to checkpoint and exit $REQUEUE_EXIT_CODE"
+    if [ -n "$SRUN_PID" ]; then kill -s "$1" "$SRUN_PID" 2>/dev/null || true; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+log "job ${SLURM_JOB_ID} restart ${RESTARTS}/${MAX_RESTARTS}: ${SLURM_NTASKS:-?} tasks on" \
+    "${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}]: $PYTHON -u $*"
+
+# Background + wait: bash runs a trap only after the foreground command returns, so a
+# foreground srun would delay the forwarding until training had already ended.
+# shellcheck disable=SC2086
+srun --label ${SRUN_ARGS:-} "$PYTHON" -u "$@" &
+SRUN_PID=$!
+
+# `wait` returns early (status > 128) whenever a trapped signal arrives; srun is then still
+# running, so wait again until it has really finished.
+while :; do
+    wait "$SRUN_PID"
+    rc=$?
+    if [ "$rc" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
+    # srun has finished. If a trap interrupted the last wait, rc is 128+signal, not srun's
+    # status: bash still holds that status, so one more wait returns it (127 = none left).
+    if [ "$rc" -gt 128 ] && [ -n "$SIGNALLED" ]; then
+        wait "$SRUN_PID" 2>/dev/null
+        rc2=$?
+        if [ "$rc2" -ne 127 ]; then rc=$rc2; fi
+    fi
+    break
+done
+log "training exited with status $rc${SIGNALLED:+ (after SIG$SIGNALLED)}"
+
+if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || [ -n "$SIGNALLED" ]; then
+    if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
+        log "requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS);" \
+            "the rerun resumes from the latest checkpoint"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        log "scontrol requeue failed (job cancelled, or requeue disabled on this cluster):" \
+            "resubmit the same sbatch command with the same RUN_DIR to resume"
+    else
+        log "not requeueing: SLURM_RESTART_COUNT=$RESTARTS reached MAX_RESTARTS=$MAX_RESTARTS;" \
+            "resubmit with the same RUN_DIR to resume"
+    fi
+fi
+exit "$rc"

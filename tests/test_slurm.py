@@ -1,0 +1,177 @@
+"""The project's own sbatch scripts against a REAL local Slurm (two virtual nodes, one host).
+
+The cluster comes from tests/slurm_cluster.py (installed with apt-get when missing; the tests
+skip only when Slurm cannot be installed at all). Jobs run on CPU: the GPU lines of the
+scripts are overridden on the sbatch command line (--gres=none, one task per node).
+
+Entry points: tests/slurm_payload.py (a tiny gloo program with the trainer's CLI and its
+preemption protocol) always; launch/pretrain.py (the real pretraining, debug model) as well
+once it runs here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, cleanup_stale, ensure_installed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOAD = "tests/slurm_payload.py"
+PRETRAIN = "launch/pretrain.py"
+PRETRAIN_CONFIG = "configs/pretrain/base.yaml"  # the sbatch script's default CONFIG
+SBATCH_SCRIPT = "launch/slurm/pretrain_base.sbatch"
+# CPU overrides of the V100 script: 2 nodes x 1 rank, no GPUs; a 10-minute limit with the
+# automatic USR1 at 5 s before it, so it never fires during a test (it may come ~60 s early).
+CPU_FLAGS = ["--nodes=2", "--ntasks-per-node=1", "--gres=none", "--cpus-per-task=1",
+             "--time=10", "--signal=B:USR1@5"]
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="local Slurm cluster needs Linux")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    try:
+        ensure_installed()
+    except SlurmUnavailable as e:
+        pytest.skip(f"Slurm unavailable: {e}")
+    cleanup_stale()
+    cluster = LocalSlurmCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+_pretrain_ready: tuple[bool, str] | None = None
+
+
+def pretrain_ready() -> tuple[bool, str]:
+    """Is the real entry point there and able to parse its CLI? (checked once)"""
+    global _pretrain_ready
+    if _pretrain_ready is None:
+        if not (ROOT / PRETRAIN).exists():
+            _pretrain_ready = (False, f"{PRETRAIN} does not exist yet")
+        elif not (ROOT / PRETRAIN_CONFIG).exists():
+            _pretrain_ready = (False, f"{PRETRAIN_CONFIG} does not exist yet")
+        else:
+            r = subprocess.run([sys.executable, PRETRAIN, "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+            ok = r.returncode == 0 and "--run_dir" in r.stdout and "--set" in r.stdout
+            _pretrain_ready = (ok, "" if ok else
+                               f"{PRETRAIN} --help failed or lacks --run_dir/--set: {r.stderr[-500:]}")
+    return _pretrain_ready
+
+
+def entry_args(entry: str, max_steps: int, extra: list[str] = ()) -> tuple[str, list[str]]:
+    """(CONFIG, EXTRA --set list) for an entry point, CPU-sized."""
+    sets = [f"train.max_steps={max_steps}", "train.global_batch=4", "train.micro_batch=2", *extra]
+    if entry == PRETRAIN:
+        sets = ["model.name=beit_debug", "precision=fp32", "checkpoint.every_steps=1000", *sets]
+        return PRETRAIN_CONFIG, sets
+    return PRETRAIN_CONFIG, ["payload.step_seconds=0.4", *sets]
+
+
+def submit(slurm: LocalSlurmCluster, tmp_path: Path, entry: str, max_steps: int, *,
+           extra_sets: list[str] = (), wait: bool = True, max_restarts: int = 3,
+           timeout: float = 120) -> tuple[subprocess.CompletedProcess | subprocess.Popen, Path, Path]:
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    config, sets = entry_args(entry, max_steps, list(extra_sets))
+    env = dict(slurm.env, ENTRY=entry, CONFIG=config, RUN_DIR=str(run_dir), PYTHON=sys.executable,
+               BEIT_ROOT=str(ROOT), MAX_RESTARTS=str(max_restarts),
+               EXTRA=" ".join(f"--set {s}" for s in sets))
+    cmd = ["sbatch", "--parsable", f"--output={log}", *CPU_FLAGS]
+    if wait:
+        cmd.append("--wait")
+    cmd.append(SBATCH_SCRIPT)
+    if wait:
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return r, run_dir, log
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    return r, run_dir, log
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def entries():
+    ready, why = pretrain_ready()
+    return [PAYLOAD, pytest.param(PRETRAIN, marks=pytest.mark.skipif(not ready, reason=why))]
+
+
+def describe(slurm, log: Path) -> str:
+    text = log.read_text(errors="replace") if log.exists() else "(no job log)"
+    return f"--- job log ---\n{text[-4000:]}\n--- cluster logs ---\n{slurm.logs(15)}"
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_two_node_job_forms_one_world_and_finishes(slurm, tmp_path, entry):
+    steps = 4
+    r, run_dir, log = submit(slurm, tmp_path, entry, steps)
+    assert r.returncode == 0, f"sbatch --wait failed: {r.stderr}\n{describe(slurm, log)}"
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1)), describe(slurm, log)
+    text = log.read_text()
+    # run.sh runs srun --label: both ranks' lines are in the one log
+    assert "rank=0/2" in text and "rank=1/2" in text, describe(slurm, log)
+    if entry == PAYLOAD:
+        ranks = [json.loads((run_dir / "world" / f"rank{i}.json").read_text()) for i in range(2)]
+        assert {w["slurm_node"] for w in ranks} == set(slurm.nodes)  # one rank on each node
+        assert all(w["world_size"] == 2 and w["allreduce_sum"] == 3.0 for w in ranks)
+        assert ranks[0]["master_addr"] == ranks[1]["master_addr"] == sorted(slurm.nodes)[0]
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, entry):
+    steps = 12 if entry == PAYLOAD else 40
+    r, run_dir, log = submit(slurm, tmp_path, entry, steps, wait=False)
+    job = r.stdout.strip().split(";")[0]
+    # preempt once a few steps are done, as `#SBATCH --signal=B:USR1@...` would
+    deadline = time.time() + 90
+    while len(read_metrics(run_dir)) < 3:
+        assert time.time() < deadline, f"job made no progress\n{describe(slurm, log)}"
+        assert slurm.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), describe(slurm, log)
+        time.sleep(0.3)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.time() + 120
+    while slurm.job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.time() < deadline, f"job did not finish\n{describe(slurm, log)}"
+        time.sleep(1)
+    assert slurm.job_state(job) == "COMPLETED", describe(slurm, log)
+    assert slurm.job_field(job, "Restarts") == "1", describe(slurm, log)
+
+    metrics = read_metrics(run_dir)
+    got = [m["step"] for m in metrics]
+    assert got == list(range(1, steps + 1)), f"steps trained: {got}\n{describe(slurm, log)}"
+    text = log.read_text()
+    assert "received SIGUSR1" in text and "requeueing job" in text
+    assert "restart 0/3" in text and "restart 1/3" in text  # both runs appended to one log
+    assert "exited with status 3" in text and "exited with status 0" in text
+    if entry == PAYLOAD:
+        stopped = [m["step"] for m in metrics if m["restart"] == 0][-1]
+        assert stopped < steps and metrics[stopped]["restart"] == 1  # the rerun took over
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_indivisible_global_batch_fails_fast_with_clear_message(slurm, tmp_path, entry):
+    # global batch 6 cannot be split into micro batch 2 x world size 2
+    t0 = time.time()
+    r, run_dir, log = submit(slurm, tmp_path, entry, 4, extra_sets=["train.global_batch=6"], timeout=90)
+    assert r.returncode != 0, describe(slurm, log)
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if "global batch 6" in line.lower()
+              or "global_batch" in line and "6" in line]
+    assert errors, f"no clear message about the global batch\n{describe(slurm, log)}"
+    assert any(line.startswith("0:") for line in errors), "rank 0 should print the message"
+    assert "requeueing" not in text  # a config error is not a preemption
+    job = r.stdout.strip().split(";")[0]
+    assert slurm.job_state(job) == "FAILED"
+    assert time.time() - t0 < 90
