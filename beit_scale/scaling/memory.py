@@ -445,7 +445,12 @@ def estimate(model: Union[str, BeitConfig], zero: int, gpus: int, micro_batch: i
     total = int(allocated + overhead)
 
     gpn = gpus_per_node or min(gpus, 8)
-    init_copy = 4 * (L if (zero == 3 and zero_init) else P) * gpn
+    # Without zero.Init every rank first builds the whole model in fp32 on the host; with it
+    # (ZeRO-3) only the layer being built, and nothing extra when it goes straight to offload.
+    if zero == 3 and zero_init:
+        init_copy = 0 if offload else 4 * L * gpn
+    else:
+        init_copy = 4 * P * gpn
     host_peak = int(host_buffer_factor * max(init_copy, ms["host"] * gpn))
 
     breakdown = {f"act_{k}": int(v) for k, v in acts.items()}
