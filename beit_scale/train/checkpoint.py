@@ -1,0 +1,369 @@
+"""CheckpointManager: every byte of checkpoint I/O goes through here.
+
+Layout under the run dir::
+
+    checkpoints/
+      LATEST                      name of the newest COMPLETE checkpoint (replaced atomically)
+      step_00000100/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed engine)
+        rank_00000.json ...       our per-rank state: step, data position, RNG streams
+        manifest.json             step, samples, world size, ZeRO stage, precision, config,
+                                  every file with its size and CRC32
+        COMPLETE                  written last, after every rank finished writing
+      step_00000100_universal/    (only when resuming on a different number of ranks)
+
+A folder without COMPLETE, or whose files do not match its manifest, is never loaded: auto-resume
+warns and falls back to the previous complete checkpoint.  Old checkpoints are deleted only
+after a newer one is complete, and the newest complete one is never deleted.
+
+Signals: SIGUSR1 / SIGTERM set a flag; the loop finishes the step in flight, all ranks agree
+(one all-reduce), save, and the process exits with REQUEUE_EXIT_CODE so a scheduler script
+knows the job checkpointed and may be requeued.
+
+On pickles: DeepSpeed's engine files are torch pickles and DeepSpeed loads them with
+weights_only=False internally; we cannot change that.  Everything *we* write (manifest, per-rank
+state, exports) is JSON or safetensors and loads without unpickling.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from beit_scale.config import ConfigError
+
+REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
+MANIFEST, COMPLETE, LATEST = "manifest.json", "COMPLETE", "LATEST"
+_CRC_CHUNK = 1 << 24
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.split("_")[1])
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc & 0xFFFFFFFF
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- RNG state as JSON
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
+
+
+# ----------------------------------------------------------------------------- signals
+
+class SignalFlag:
+    """SIGUSR1/SIGTERM -> finish the step in flight, save, exit REQUEUE_EXIT_CODE."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.name: str | None = None
+        self._old = {}
+
+    @classmethod
+    def install(cls) -> "SignalFlag":
+        flag = cls()
+        for sig in cls.SIGNALS:
+            flag._old[sig] = signal.signal(sig, flag._handler)
+        return flag
+
+    def _handler(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank got a signal (signals may reach ranks at different times)."""
+        local = torch.tensor([1.0 if self.name else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        if local.item() > 0 and self.name is None:
+            self.name = "signal on another rank"
+        return local.item() > 0
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- manager
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, cfg, config_dict: dict, rank: int = 0, world_size: int = 1,
+                 log=print):
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.cfg = cfg
+        self.config_dict = config_dict
+        self.rank, self.world = rank, world_size
+        self.log = log if rank == 0 else (lambda *a, **k: None)
+        self._last_save_time = time.time()
+
+    # ---------------------------------------------------------------- discovery (no process group needed)
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir()
+                 if p.is_dir() and p.name.startswith("step_") and not p.name.endswith("_universal")
+                 and (p / COMPLETE).exists()]
+        return sorted(found, key=lambda p: step_of(p.name))
+
+    def latest_step(self) -> int | None:
+        ckpts = self.complete_checkpoints()
+        return step_of(ckpts[-1].name) if ckpts else None
+
+    @staticmethod
+    def verify(path: Path, checksums: bool = True) -> str | None:
+        """None if the checkpoint matches its manifest, else a reason."""
+        if not (path / COMPLETE).exists():
+            return "no COMPLETE marker (the save did not finish)"
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            return f"unreadable manifest: {e}"
+        for rel, info in manifest["files"].items():
+            f = path / rel
+            if not f.exists():
+                return f"missing file {rel}"
+            if f.stat().st_size != info["size"]:
+                return f"{rel} has {f.stat().st_size} bytes, manifest says {info['size']} (truncated?)"
+            if checksums and file_crc32(f) != info["crc32"]:
+                return f"{rel} fails its CRC32 check (corrupted)"
+        return None
+
+    @staticmethod
+    def read_manifest(path: Path) -> dict:
+        return json.loads((Path(path) / MANIFEST).read_text())
+
+    def select_resume(self) -> tuple[Path, dict] | None:
+        """Which checkpoint to resume from, per checkpoint.resume; raises ConfigError on misuse."""
+        mode = self.cfg.resume
+        if mode == "none":
+            if self.complete_checkpoints() and not self.cfg.overwrite:
+                raise ConfigError(
+                    f"{self.run_dir} already has checkpoints and checkpoint.resume=none would start over in it. "
+                    f"Use another --run_dir, resume (checkpoint.resume=auto), or pass "
+                    f"--set checkpoint.overwrite=true to discard them")
+            return None
+        if mode == "auto":
+            for path in reversed(self.complete_checkpoints()):
+                reason = self.verify(path)
+                if reason is None:
+                    return path, self.read_manifest(path)
+                warnings.warn(f"checkpoint {path} is unusable ({reason}); falling back to the previous one")
+                self.log(f"WARNING: checkpoint {path.name} is unusable ({reason}); trying the previous one")
+            return None
+        path = Path(mode).expanduser()
+        if (path / "checkpoints").is_dir():          # a run dir: its newest valid checkpoint
+            other = CheckpointManager(path, type(self.cfg)(resume="auto"), {}, self.rank, self.world, self.log)
+            found = other.select_resume()
+            if found is None:
+                raise ConfigError(f"checkpoint.resume={mode}: that run dir has no complete checkpoint")
+            return found
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.resume={mode}: no such checkpoint folder")
+        reason = self.verify(path)
+        if reason:
+            raise ConfigError(f"checkpoint.resume={mode} is unusable: {reason}")
+        return path, self.read_manifest(path)
+
+    def prepare_load(self, found: tuple[Path, dict], ds_config: dict) -> tuple[Path, str, dict]:
+        """Before the engine exists: decide how to load; convert for a new world size if needed.
+
+        Returns (load_dir, tag, manifest); may switch ds_config to DeepSpeed's universal format.
+        """
+        path, manifest = found
+        saved_world, zero = manifest["world_size"], manifest["zero_stage"]
+        if saved_world == self.world or zero == 0:
+            return path.parent, path.name, manifest
+        uni = path.parent / f"{path.name}_universal"
+        if not (uni / COMPLETE).exists():
+            if self.rank == 0:
+                self.log(f"elastic resume: {path.name} was saved by {saved_world} rank(s), this job has "
+                         f"{self.world}; converting it to DeepSpeed's universal format in {uni.name}")
+                self._convert_universal(path, uni)
+            else:
+                deadline = time.time() + 3600
+                while not (uni / COMPLETE).exists():
+                    if time.time() > deadline:
+                        raise RuntimeError(f"timed out waiting for rank 0 to convert {path} to {uni}")
+                    time.sleep(1)
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return path.parent, uni.name, manifest
+
+    @staticmethod
+    def _convert_universal(src: Path, dst: Path) -> None:
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"universal conversion of {src} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+        # The converter copies the model-states file; our per-rank state and manifest come along.
+        for f in src.iterdir():
+            if f.name.startswith("rank_") or f.name == MANIFEST:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / COMPLETE).write_text("converted\n")
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+
+    # ---------------------------------------------------------------- load
+    def load(self, engine, plan: tuple[Path, str, dict], trainer) -> str:
+        load_dir, tag, manifest = plan
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {load_dir / tag}")
+        ckpt = load_dir / tag
+        same_world = manifest["world_size"] == self.world
+        own = ckpt / f"rank_{self.rank:05d}.json"
+        state = json.loads((own if same_world and own.exists() else ckpt / "rank_00000.json").read_text())
+        trainer.load_state_dict(state["trainer"])
+        if same_world:
+            set_rng_state(state["rng"])
+        else:
+            # A different world has different RNG streams anyway; seed from the step.
+            seed = manifest.get("seed", 0) + 1000003 * trainer.step + self.rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        _barrier()
+        return str(ckpt)
+
+    # ---------------------------------------------------------------- save
+    def start_clock(self) -> None:
+        self._last_save_time = time.time()
+
+    def due(self, step: int, device) -> bool:
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return True
+        if self.cfg.every_minutes:
+            # Rank 0's clock decides, so all ranks save together.
+            flag = torch.tensor([1.0 if time.time() - self._last_save_time >= 60 * self.cfg.every_minutes
+                                 else 0.0], device=device)
+            if dist.is_initialized():
+                dist.broadcast(flag, 0)
+            return bool(flag.item())
+        return False
+
+    def save(self, engine, trainer, extra: dict) -> Path:
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+        step = trainer.step
+        tag = tag_for(step)
+        path = self.dir / tag
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # leftover of a save that crashed (no COMPLETE) or a re-save: start clean
+                if (path / COMPLETE).exists():
+                    (path / COMPLETE).unlink()
+                shutil.rmtree(path)
+        _barrier()
+        t0 = time.time()
+        # client_state carries the key the universal converter requires for ZeRO 1/2.
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={UNIVERSAL_CHECKPOINT_INFO: {}},
+                               save_latest=False)
+        state = {"trainer": trainer.state_dict(), "rng": rng_state(),
+                 "data_order": {"seed": self.config_dict.get("train", {}).get("seed"),
+                                "epoch": trainer.epoch, "offset": trainer.offset}}
+        _write_atomic(path / f"rank_{self.rank:05d}.json", json.dumps(state))
+        _barrier()
+        if self.rank == 0:
+            files = {}
+            for f in sorted(path.rglob("*")):
+                if f.is_file() and f.name not in (MANIFEST, COMPLETE) and not f.name.startswith("."):
+                    files[str(f.relative_to(path))] = {"size": f.stat().st_size, "crc32": file_crc32(f)}
+            manifest = {
+                "format": "beit_scale-checkpoint-v1", "tag": tag, "step": step,
+                "samples_seen": trainer.samples_seen, "epoch": trainer.epoch, "offset_in_epoch": trainer.offset,
+                "world_size": self.world, "zero_stage": engine.zero_optimization_stage(),
+                "precision": "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32",
+                "seed": self.config_dict.get("train", {}).get("seed", 0),
+                "stage": self.config_dict.get("stage"), "model": self.config_dict.get("model", {}).get("name"),
+                "config": self.config_dict, "extra": extra, "created": time.time(), "files": files}
+            _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
+            _write_atomic(path / COMPLETE, f"{step}\n")
+            _write_atomic(self.dir / LATEST, tag + "\n")
+            self._retain()
+            self.log(f"checkpoint saved: {path} ({sum(v['size'] for v in files.values()) / 2**20:.1f} MiB, "
+                     f"{time.time() - t0:.1f}s)")
+        _barrier()
+        self._last_save_time = time.time()
+        return path
+
+    def _retain(self) -> None:
+        """Keep the last keep_last complete checkpoints plus every keep_every-th step."""
+        complete = self.complete_checkpoints()
+        if not complete:
+            return
+        newest = complete[-1]
+        keep = set(complete[-self.cfg.keep_last:]) | {newest}
+        if self.cfg.keep_every:
+            keep |= {p for p in complete if step_of(p.name) % self.cfg.keep_every == 0}
+        newest_step = step_of(newest.name)
+        for p in self.dir.iterdir():
+            if not p.is_dir() or not p.name.startswith("step_"):
+                continue
+            base = p.name.split("_universal")[0].removesuffix(".partial")
+            s = step_of(base)
+            if s >= newest_step:
+                continue
+            if (self.dir / base) in keep and "_universal" not in p.name:
+                continue
+            if "_universal" in p.name and (self.dir / base) in keep:
+                continue
+            # Remove the marker first: a crash mid-delete leaves an ignorable folder, not a "complete" one.
+            marker = p / COMPLETE
+            if marker.exists():
+                marker.unlink()
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""Everything that wraps a plain model for distributed training, applied from outside, in order:
+
+1. `apply_activation_checkpointing(model, policy, impl)`: recompute chosen blocks in backward.
+2. `build_engine(model, optimizer, scheduler, ds_config)`: the DeepSpeed engine (ZeRO 0-3,
+   offload, fp16 loss scaling / bf16, gradient clipping) from the DeepSpeed JSON.
+
+The models never import DeepSpeed; this file and checkpoint.py are where it is touched.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.utils.checkpoint as torch_ckpt
+
+log = logging.getLogger(__name__)
+
+
+def blocks_to_checkpoint(num_blocks: int, policy: str) -> list[int]:
+    if policy == "none":
+        return []
+    if policy == "all":
+        return list(range(num_blocks))
+    every = int(policy.split("_", 1)[1])
+    return [i for i in range(num_blocks) if i % every == 0]
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, policy: str, impl: str = "torch") -> list[int]:
+    """Wrap `model.blocks[i].forward` for the chosen blocks; returns their indices.
+
+    The wrap is on the instance's `forward`, so parameter names and state dicts are unchanged
+    (checkpoints stay interchangeable between runs with and without checkpointing).
+    """
+    chosen = blocks_to_checkpoint(len(model.blocks), policy)
+    if not chosen:
+        return chosen
+    if impl == "deepspeed":
+        import deepspeed
+        ckpt_fn = deepspeed.checkpointing.checkpoint
+    else:
+        # use_reentrant=False: works when the block input does not require grad and with
+        # keyword arguments (the shared relative-position bias is passed as one).
+        ckpt_fn = functools.partial(torch_ckpt.checkpoint, use_reentrant=False)
+    for i in chosen:
+        blk = model.blocks[i]
+        inner = blk.forward
+
+        def forward(x, rel_pos_bias=None, _inner=inner):
+            if not torch.is_grad_enabled():
+                return _inner(x, rel_pos_bias=rel_pos_bias)
+            if impl == "deepspeed":
+                # DeepSpeed's checkpoint takes positional tensors only.
+                return ckpt_fn(lambda a, b: _inner(a, rel_pos_bias=b), x, rel_pos_bias)
+            return ckpt_fn(_inner, x, rel_pos_bias=rel_pos_bias)
+
+        blk.forward = forward
+    return chosen
+
+
+def device_supports(precision: str) -> bool:
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    if precision == "fp16":
+        return bool(acc.is_fp16_supported())
+    if precision == "bf16":
+        return bool(acc.is_bf16_supported())
+    return True
+
+
+def init_distributed() -> None:
+    import deepspeed
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        from deepspeed.accelerator import get_accelerator
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   verbose=False)
+
+
+def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
+    import deepspeed
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def engine_loss_scale(engine) -> float | None:
+    """Current dynamic loss scale (fp16), None otherwise."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        val = getattr(opt, attr, None)
+        if val is not None and not callable(val):
+            return float(val)
+    scaler = getattr(opt, "loss_scaler", None)
+    if scaler is not None:
+        return float(scaler.cur_scale)
+    return None
+
+
+def engine_grad_norm(engine) -> float | None:
+    gn = engine.get_global_grad_norm()
+    if gn is None:
+        return None
+    return float(gn.item() if torch.is_tensor(gn) else gn)

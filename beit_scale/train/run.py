@@ -1,0 +1,224 @@
+"""The launcher contract shared by every script in launch/.
+
+    --deepspeed_config PATH   DeepSpeed JSON (parallelism, precision)       [ds_configs/zero2.json]
+    --config PATH             experiment YAML (model, data, optimisation)   [embedded default]
+    --run_dir DIR             where config, metrics, tensorboard, checkpoints go [runs/<stage>_<model>]
+    --set dotted.key=value    repeatable overrides (win over the YAML)
+    --local_rank N            passed by the deepspeed launcher (the environment is what we read)
+
+Works under `deepspeed`, `torchrun`, `srun` and plain `python`.  Everything that can be checked
+without a process group (config, data path, tokenizer vocabulary, resume target) is checked
+first; a ConfigError prints one clear message and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+from beit_scale.config import (ConfigError, build_config, dump_yaml, file_precision, load_deepspeed_json,
+                               merge_deepspeed_config, set_precision, to_dict)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_ERROR_EXIT = 2
+
+# The embedded default experiments (`make demo` on 2 CPU cores in well under 10 minutes).
+EMBEDDED = {
+    "tokenizer": {
+        "model": {"name": "dvae"},
+        "tokenizer": {"vocab_size": 1024, "hidden_dim": 64, "kl_weight": 1e-3},
+        "train": {"max_steps": 150, "global_batch": 32, "micro_batch": 16, "log_every": 10,
+                  "image_log_every": 50, "eval_batches": 4},
+        "optim": {"lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10},
+    },
+    "mim": {
+        "model": {"name": "beit_tiny", "drop_path": 0.0},
+        "tokenizer": {"vocab_size": 1024},
+        "train": {"max_steps": 200, "global_batch": 32, "micro_batch": 16, "log_every": 10, "eval_batches": 8},
+        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_steps": 20},
+    },
+    "classify": {
+        "model": {"name": "beit_tiny", "drop_path": 0.1, "num_classes": 10},
+        "train": {"max_steps": 200, "global_batch": 32, "micro_batch": 16, "log_every": 10, "eval_batches": 0},
+        "optim": {"lr": 2e-3, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_steps": 20, "layer_decay": 0.65},
+    },
+}
+
+
+def parse_args(argv=None, description: str = "") -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--deepspeed_config", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--config", default=None, help="experiment YAML (optional; the default is embedded)")
+    p.add_argument("--run_dir", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _dist_env():
+    """One view of rank/world from torchrun, deepspeed, Slurm or nothing; exported for torch."""
+    from beit_scale.dist.env import detect_dist_env
+    env = detect_dist_env(os.environ)
+    env.export(os.environ)
+    return env
+
+
+def _say(env, msg: str, err: bool = False) -> None:
+    if env.rank == 0:
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict | None = None,
+            extra_sets: list[str] | None = None):
+    """Config + DeepSpeed JSON + resume plan, all before any process group."""
+    cfg, yaml_d, set_d = build_config(stage, args.config, list(args.set) + list(extra_sets or []),
+                                      defaults=defaults if defaults is not None else EMBEDDED[stage])
+    ds_raw = load_deepspeed_json(args.deepspeed_config)
+    ds = merge_deepspeed_config(cfg, ds_raw, env.world_size, yaml_d, set_d)
+    from beit_scale.dist.env import validate_slurm_env
+    validate_slurm_env(env, os.environ, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
+    from beit_scale.train.parallelize import device_supports
+    want = file_precision(ds)
+    if not device_supports(want):
+        _say(env, f"note: this device cannot run {want} (e.g. fp16 on a CPU); running in fp32 instead")
+        set_precision(ds, "fp32")
+    cfg.precision = file_precision(ds)
+    run_dir = Path(run_dir or args.run_dir or REPO / "runs" / f"{stage}_{cfg.model.name}")
+    return cfg, ds, run_dir
+
+
+def make_task(cfg, tokenizer_path=None):
+    from beit_scale.train import tasks
+    if cfg.stage == "tokenizer":
+        return tasks.TokenizerTask(cfg)
+    if cfg.stage == "mim":
+        return tasks.MIMTask(cfg, tokenizer_path)
+    from beit_scale.train.finetune import ClassifyTask
+    return ClassifyTask(cfg)
+
+
+def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
+    """Resume plan, process group, engine, loop.  Returns the trainer's final metrics."""
+    from beit_scale.train.checkpoint import CheckpointManager
+    from beit_scale.train.parallelize import init_distributed
+    from beit_scale.train.trainer import Trainer
+    task = task or make_task(cfg)
+    task.preflight()
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, to_dict(cfg), env.rank, env.world_size)
+    found = ckpt.select_resume()
+    ds = copy.deepcopy(ds)
+    plan = ckpt.prepare_load(found, ds) if found else None
+    if found:
+        _say(env, f"resuming from {found[0]} (step {found[1]['step']})")
+    init_distributed()
+    return Trainer(cfg, task, ds, run_dir, ckpt, plan).fit()
+
+
+def export_tokenizer(engine_module, path: Path) -> None:
+    from beit_scale.models.dvae import save_tokenizer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_tokenizer(engine_module, tmp)
+    os.replace(tmp, path)
+
+
+def main(stage: str, argv=None, description: str = "") -> int:
+    args = parse_args(argv, description)
+    env = _dist_env()
+    try:
+        return _main(stage, args, env)
+    except ConfigError as e:
+        _say(env, f"error: {e}", err=True)
+        return CONFIG_ERROR_EXIT
+
+
+def _main(stage: str, args, env) -> int:
+    from beit_scale.train.checkpoint import REQUEUE_EXIT_CODE
+    cfg, ds, run_dir = prepare(stage, args, env)
+    tokenizer_path = None
+    if stage == "mim":
+        tokenizer_path = cfg.tokenizer.checkpoint
+        if not tokenizer_path:
+            tokenizer_path = run_dir / "tokenizer" / "tokenizer.safetensors"
+            if not tokenizer_path.exists():
+                _say(env, f"no tokenizer.checkpoint given: training the default tokenizer first in "
+                          f"{tokenizer_path.parent} (cached there and reused next time)")
+                status = _train_tokenizer(args, env, run_dir / "tokenizer", cfg)
+                if status:
+                    return status
+            else:
+                _say(env, f"using the cached tokenizer {tokenizer_path}")
+    task = make_task(cfg, tokenizer_path)
+    result = train_stage(cfg, ds, run_dir, env, task)
+    if result.get("stopped"):
+        return REQUEUE_EXIT_CODE
+    if stage == "tokenizer":
+        _save_tokenizer_from_run(run_dir, env)
+    _say(env, final_report(run_dir))
+    return 0
+
+
+def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
+    from beit_scale.train.checkpoint import REQUEUE_EXIT_CODE
+    sets = [f"tokenizer.vocab_size={mim_cfg.tokenizer.vocab_size}",
+            f"data.second_input_size={mim_cfg.data.second_input_size}",
+            f"train.seed={mim_cfg.train.seed}", f"data.num_workers={mim_cfg.data.num_workers}",
+            f"checkpoint.resume={mim_cfg.checkpoint.resume}"]
+    if mim_cfg.data.path:
+        sets.append(f"data.path={mim_cfg.data.path}")
+    if mim_cfg.checkpoint.every_steps:
+        sets.append(f"checkpoint.every_steps={mim_cfg.checkpoint.every_steps}")
+    tok_args = argparse.Namespace(deepspeed_config=args.deepspeed_config, config=None, run_dir=str(tok_dir),
+                                  set=[s for s in args.set if s.startswith("precision=")] + sets)
+    cfg, ds, _ = prepare("tokenizer", tok_args, env, run_dir=tok_dir)
+    result = train_stage(cfg, ds, tok_dir, env)
+    if result.get("stopped"):
+        return REQUEUE_EXIT_CODE
+    _save_tokenizer_from_run(tok_dir, env)
+    return 0
+
+
+def _save_tokenizer_from_run(run_dir: Path, env) -> None:
+    """Consolidate the newest tokenizer checkpoint into the safetensors file MIM loads."""
+    import torch.distributed as dist
+    if env.rank == 0:
+        from beit_scale.models.dvae import DVAE, DVAEConfig
+        from beit_scale.train.export import consolidated_state_dict
+        from beit_scale.config import from_dict
+        sd, manifest = consolidated_state_dict(run_dir)
+        tcfg = from_dict(manifest["config"])
+        model = DVAE(DVAEConfig(vocab_size=tcfg.tokenizer.vocab_size, image_size=tcfg.data.second_input_size,
+                                hidden_dim=tcfg.tokenizer.hidden_dim))
+        model.load_state_dict(sd)
+        export_tokenizer(model, run_dir / "tokenizer.safetensors")
+        print(f"tokenizer saved to {run_dir / 'tokenizer.safetensors'}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def final_report(run_dir: Path) -> str:
+    lines = ["", "=" * 72, f"run dir      {run_dir}",
+             f"config       {run_dir / 'config.yaml'}",
+             f"metrics      {run_dir / 'metrics.jsonl'}",
+             f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard'}",
+             f"checkpoints  {run_dir / 'checkpoints'}"]
+    mpath = run_dir / "metrics.jsonl"
+    if mpath.exists():
+        evals = [json.loads(ln) for ln in mpath.read_text().splitlines() if '"kind": "eval"' in ln]
+        if evals:
+            last = evals[-1]
+            if "val_mim_acc" in last:
+                lines.append(f"MIM accuracy {last['val_mim_acc']:.4f} on held-out masked patches vs "
+                             f"{last['val_majority_acc']:.4f} for the most frequent token "
+                             f"({last['val_acc_over_majority']:.2f}x)")
+            if "val_top1" in last:
+                lines.append(f"top-1        {last['val_top1']:.4f} (top-5 {last.get('val_top5', float('nan')):.4f})")
+            if "val_recon_mse" in last:
+                lines.append(f"tokenizer    reconstruction MSE {last['val_recon_mse']:.5f}, "
+                             f"perplexity {last['val_perplexity']:.1f}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

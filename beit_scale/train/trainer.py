@@ -1,0 +1,310 @@
+"""The one training loop, for every stage (tokenizer, MIM, fine-tuning).
+
+The loop calls `engine(...)`, `engine.backward(loss)` and `engine.step()`; precision, ZeRO stage,
+loss scaling and gradient clipping are the engine's business (ds_configs/*.json), so nothing
+here branches on them.  Resume, signals and retention belong to the CheckpointManager.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from beit_scale.config import ExperimentCfg, dump_yaml, to_dict
+from beit_scale.train import optim as optim_lib
+from beit_scale.train.checkpoint import REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag
+from beit_scale.train.parallelize import (apply_activation_checkpointing, build_engine,
+                                          engine_grad_norm, engine_loss_scale)
+from beit_scale.train.sampler import ResumableSampler, eval_keys
+
+log = logging.getLogger("beit_scale")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """metrics.jsonl + tensorboard, rank 0 only.  On resume, later steps are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                purge_step=None if resume_step is None else resume_step + 1)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict, prefix: str = "train") -> None:
+        record = dict(record, kind=prefix)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for k, v in record.items():
+            if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentCfg, task, ds_config: dict, run_dir: Path,
+                 ckpt: CheckpointManager, resume: tuple | None = None):
+        self.cfg, self.task, self.ds_config, self.run_dir, self.ckpt = cfg, task, ds_config, run_dir, ckpt
+        self.resume = resume
+        self.rank, self.world = rank(), world()
+        self.is_main = self.rank == 0
+        from deepspeed.accelerator import get_accelerator
+        acc = get_accelerator()
+        self.device = torch.device(acc.device_name(acc.current_device())) if acc.device_name() != "cpu" \
+            else torch.device("cpu")
+        self.step = 0
+        self.epoch = 0
+        self.offset = 0          # global samples consumed in the current epoch
+        self.samples_seen = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build(self):
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        model = self.task.build_model()
+        self.ckpt_blocks = apply_activation_checkpointing(model, cfg.train.act_ckpt, cfg.train.act_ckpt_impl) \
+            if hasattr(model, "blocks") else []
+        groups = optim_lib.param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        if self.is_main and cfg.optim.layer_decay != 1.0:
+            print("layer-wise lr decay groups:\n" + optim_lib.describe_groups(groups, cfg.optim.lr), flush=True)
+        opt, sched = optim_lib.build_optimizer_and_schedule(
+            groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps,
+            cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=self._optimizer_cls())
+        self.engine = build_engine(model, opt, sched, self.ds_config)
+        self.task.prepare(self.device)
+        self.flops_per_sample = self.task.flops_per_sample()
+
+    def _optimizer_cls(self):
+        zero = self.ds_config.get("zero_optimization", {})
+        if zero.get("offload_optimizer", {}).get("device") == "cpu" and \
+                self.ds_config.get("zero_force_ds_cpu_optimizer", True):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam
+        return torch.optim.AdamW
+
+    def _loader(self, dataset, sampler_or_keys, batch_size):
+        nw = self.cfg.data.num_workers
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler_or_keys, num_workers=nw,
+                          pin_memory=self.device.type == "cuda", drop_last=isinstance(sampler_or_keys, ResumableSampler),
+                          persistent_workers=False, prefetch_factor=4 if nw > 0 else None,
+                          # A private generator: creating an iterator must not consume the global
+                          # torch RNG, or a resumed run would draw different drop-path masks.
+                          generator=torch.Generator())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "offset": self.offset,
+                "samples_seen": self.samples_seen, "world_size": self.world}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.step, self.epoch, self.offset = int(s["step"]), int(s["epoch"]), int(s["offset"])
+        self.samples_seen = int(s["samples_seen"])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self._build()
+        resumed_from = None
+        if self.resume is not None:
+            resumed_from = self.ckpt.load(self.engine, self.resume, self)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        self.metrics = MetricsWriter(self.run_dir, self.step if resumed_from else None) if self.is_main else None
+
+        train_ds = self.task.train_dataset()
+        sampler = ResumableSampler(len(train_ds), self.rank, self.world, t.seed)
+        accum = self.engine.gradient_accumulation_steps()
+        per_step = t.micro_batch * self.world
+        if len(train_ds) < t.global_batch:
+            raise ValueError(f"the training set has {len(train_ds)} images, fewer than one global batch "
+                             f"({t.global_batch}); lower train.global_batch or add data")
+
+        if self.is_main:
+            zero = self.engine.zero_optimization_stage()
+            prec = "fp16" if self.engine.fp16_enabled() else "bf16" if self.engine.bfloat16_enabled() else "fp32"
+            n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                           for p in self.engine.module.parameters())
+            print(f"[{self.task.name}] {cfg.model.name if self.task.name != 'tokenizer' else 'dVAE'}: "
+                  f"{n_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device.type} | ZeRO {zero} | {prec} | "
+                  f"global batch {t.global_batch} = {t.micro_batch} x {self.world} x {accum} | "
+                  f"{len(train_ds)} training images | act ckpt blocks {self.ckpt_blocks or 'none'}", flush=True)
+            if resumed_from:
+                print(f"resumed from {resumed_from} at step {self.step} (epoch {self.epoch}, "
+                      f"{self.offset} samples into it)", flush=True)
+
+        signals = SignalFlag.install()
+        self.engine.train()
+        data_iter = None
+        window_start, window_samples = time.time(), 0
+        start_time, start_step = time.time(), self.step
+        sums: dict[str, torch.Tensor] = {}
+        n_sums = 0
+        stop_reason = None
+        self.ckpt.start_clock()
+
+        while self.step < t.max_steps:
+            for _ in range(accum):
+                if data_iter is None:
+                    sampler.set_position(self.epoch, self.offset)
+                    data_iter = iter(self._loader(train_ds, sampler, t.micro_batch))
+                batch = next(data_iter, None)
+                if batch is None:  # epoch finished
+                    self.epoch, self.offset, data_iter = self.epoch + 1, 0, None
+                    sampler.set_position(self.epoch, 0)
+                    data_iter = iter(self._loader(train_ds, sampler, t.micro_batch))
+                    batch = next(data_iter)
+                loss, m = self.task.step(self.engine, batch, self.step)
+                self.engine.backward(loss)
+                self.engine.step()
+                self.offset += per_step
+                m = dict(m, loss=loss.detach().float())
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float().to(self.device)
+                n_sums += 1
+            self.step += 1
+            self.samples_seen += t.global_batch
+            window_samples += t.global_batch
+
+            if self.metrics is not None and t.image_log_every and self.step % t.image_log_every == 0:
+                self.task.log_images(self.metrics.tb, self.engine, batch, self.step)
+
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                record = self._reduce_metrics(sums, n_sums)
+                sums, n_sums = {}, 0
+                elapsed = time.time() - window_start
+                sps = window_samples / max(elapsed, 1e-9)
+                record.update(step=self.step, epoch=self.epoch, lr=self.engine.get_lr()[0],
+                              samples_per_sec=sps, skipped_steps=int(self.engine.skipped_steps))
+                gn = engine_grad_norm(self.engine)
+                if gn is not None:
+                    record["grad_norm"] = gn
+                ls = engine_loss_scale(self.engine)
+                if ls is not None:
+                    record["loss_scale"] = ls
+                if self.flops_per_sample:
+                    record["tflops_per_device"] = self.flops_per_sample * sps / self.world / 1e12
+                window_start, window_samples = time.time(), 0
+                if self.is_main:
+                    self.metrics.write(record)
+                    done = self.step - start_step
+                    rate = (time.time() - start_time) / max(done, 1)
+                    extra = " ".join(f"{k} {record[k]:.4g}" for k in record
+                                     if k not in ("step", "epoch", "lr", "samples_per_sec", "skipped_steps",
+                                                  "tflops_per_device", "grad_norm", "loss") and
+                                     isinstance(record[k], float))
+                    print(f"[{self.task.name}] step {self.step}/{t.max_steps} ({100 * self.step / t.max_steps:.0f}%) "
+                          f"loss {record['loss']:.4f} {extra} lr {record['lr']:.2e} {sps:.1f} img/s "
+                          f"ETA {_fmt_time(rate * (t.max_steps - self.step))}", flush=True)
+
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                self.evaluate()
+
+            stop = signals.agreed(self.device)
+            if stop or self.ckpt.due(self.step, self.device):
+                self.ckpt.save(self.engine, self, self.task.extra_state())
+            if stop:
+                stop_reason = signals.name
+                break
+
+        if stop_reason is None:
+            if self.ckpt.latest_step() != self.step:
+                self.ckpt.save(self.engine, self, self.task.extra_state())
+        signals.restore()
+        if stop_reason is not None:
+            if self.is_main:
+                print(f"received {stop_reason}: saved step {self.step}; exiting with status {REQUEUE_EXIT_CODE} "
+                      f"so the scheduler can requeue", flush=True)
+            self._close()
+            return {"stopped": stop_reason, "step": self.step}
+        final = self.evaluate()
+        self._close()
+        return final
+
+    def _reduce_metrics(self, sums: dict, n: int) -> dict:
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys]) / max(n, 1)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+            vec /= self.world
+        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        t = self.cfg.train
+        ds = self.task.eval_dataset()
+        limit = t.eval_batches * t.micro_batch * self.world if t.eval_batches else None
+        keys, n_valid = eval_keys(len(ds), self.rank, self.world, limit, t.seed)
+        loader = self._loader(ds, keys, t.micro_batch)
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        for batch in loader:
+            bs = len(batch[0])
+            valid = max(0, min(bs, n_valid - seen))
+            seen += bs
+            if valid == 0:
+                # Padding only: still run the forward so ZeRO-3 gathers stay in lockstep.
+                valid_batch = batch
+                out = self.task.eval_batch(self.engine, valid_batch, bs)
+                out = {k: torch.zeros_like(v) for k, v in out.items()}
+            else:
+                out = self.task.eval_batch(self.engine, batch, valid)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.float()
+        self.engine.train()
+        if dist.is_initialized():
+            for k in sorted(sums):
+                dist.all_reduce(sums[k])
+        result = self.task.finish_eval(sums)
+        if self.is_main:
+            self.metrics.write(dict(result, step=self.step), prefix="eval")
+            for line in self.task.summary(result):
+                print(line, flush=True)
+        return result
+
+    def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,13 @@
+"""Masked image modeling pretraining of BEiT (stage 2).
+
+    deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json [--config YAML] [--run_dir DIR] [--set k=v ...]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from beit_scale.train.run import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("mim", description=__doc__))
