@@ -83,7 +83,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _read_pid(path: Path) -> int | None:
@@ -265,16 +268,20 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 if r.returncode != 0 or not r.stdout.strip():
                     break
                 time.sleep(0.5)
-        # slurmds first, the controller next, munge last (the others talk through it)
-        order = sorted(self._pidfiles, key=lambda p: ("slurmd." not in p.name, "munged" in p.name))
-        for pidfile in order:
-            pid = _read_pid(pidfile)
-            if pid is None or not _pid_alive(pid):
-                continue
+        # slurmds and the controller together, munge last (the others talk through it)
+        munge = [p for p in self._pidfiles if "munged" in p.name]
+        self._terminate([p for p in self._pidfiles if p not in munge])
+        self._terminate(munge)
+
+    @staticmethod
+    def _terminate(pidfiles: list[Path], grace: float = 10) -> None:
+        pids = [p for p in (_read_pid(f) for f in pidfiles) if p is not None and _pid_alive(p)]
+        for pid in pids:
             os.kill(pid, signal.SIGTERM)
-            deadline = time.time() + 10
-            while _pid_alive(pid) and time.time() < deadline:
-                time.sleep(0.1)
+        deadline = time.time() + grace
+        while any(_pid_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        for pid in pids:
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 

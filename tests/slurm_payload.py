@@ -88,8 +88,8 @@ def main(argv=None) -> int:
 
     ckpt = run_dir / "ckpt.json"
     start = json.loads(ckpt.read_text())["step"] + 1 if ckpt.exists() else 1
-    if env.is_main:
-        print(f"starting at step {start} of {args.max_steps}", flush=True)
+    if env.is_main and start > 1:  # same wording as the trainer: the test compares the steps
+        print(f"resumed from {ckpt} at step {start - 1}", flush=True)
 
     for step in range(start, args.max_steps + 1):
         time.sleep(args.step_seconds)  # the "work"
@@ -109,7 +109,9 @@ def main(argv=None) -> int:
             dist.barrier()  # the checkpoint is complete before anyone exits
         if flag.item() > 0 and step < args.max_steps:
             if env.is_main:
-                print(f"checkpointed step {step}; exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                why = signal.Signals(stop["sig"]).name if stop["sig"] else "a signal on another rank"
+                print(f"received {why}: saved step {step}; exiting with status "
+                      f"{REQUEUE_EXIT_CODE}", flush=True)
             dist.destroy_process_group()
             return REQUEUE_EXIT_CODE
 

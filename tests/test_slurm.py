@@ -11,7 +11,7 @@ once it runs here.
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 import time
@@ -67,20 +67,43 @@ def pretrain_ready() -> tuple[bool, str]:
     return _pretrain_ready
 
 
-def entry_args(entry: str, max_steps: int, extra: list[str] = ()) -> tuple[str, list[str]]:
-    """(CONFIG, EXTRA --set list) for an entry point, CPU-sized."""
+def entry_args(entry: str, max_steps: int, extra: list[str] = (), tokenizer: Path | None = None):
+    """(CONFIG, --set list) for an entry point, CPU-sized."""
     sets = [f"train.max_steps={max_steps}", "train.global_batch=4", "train.micro_batch=2", *extra]
     if entry == PRETRAIN:
-        sets = ["model.name=beit_debug", "precision=fp32", "checkpoint.every_steps=1000", *sets]
+        # debug model, fp32 on CPU, a log line per step, no eval, no periodic checkpoints (only
+        # the one the preemption asks for), and a ready tokenizer so no tokenizer stage runs first
+        sets = ["model.name=beit_debug", "precision=fp32", "checkpoint.every_steps=0",
+                "train.log_every=1", "train.eval_batches=0", f"tokenizer.checkpoint={tokenizer}",
+                f"tokenizer.vocab_size={TOKENIZER_VOCAB}", *sets]
         return PRETRAIN_CONFIG, sets
     return PRETRAIN_CONFIG, ["payload.step_seconds=0.4", *sets]
 
 
+TOKENIZER_VOCAB = 256
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    """An untrained tokenizer file: the MIM stage needs one, its quality is irrelevant here."""
+    code = ("import sys, torch; from beit_scale.models.dvae import DVAE, DVAEConfig, save_tokenizer\n"
+            "torch.manual_seed(0)\n"
+            f"save_tokenizer(DVAE(DVAEConfig(vocab_size={TOKENIZER_VOCAB}, image_size=112, hidden_dim=16)), sys.argv[1])")
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.safetensors"
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, check=True, timeout=120)
+    return path
+
+
+@pytest.fixture
+def tokenizer(request, entry):
+    return request.getfixturevalue("tokenizer_file") if entry == PRETRAIN else None
+
+
 def submit(slurm: LocalSlurmCluster, tmp_path: Path, entry: str, max_steps: int, *,
            extra_sets: list[str] = (), wait: bool = True, max_restarts: int = 3,
-           timeout: float = 120) -> tuple[subprocess.CompletedProcess | subprocess.Popen, Path, Path]:
+           timeout: float = 180, tokenizer: Path | None = None) -> tuple[subprocess.CompletedProcess | subprocess.Popen, Path, Path]:
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
-    config, sets = entry_args(entry, max_steps, list(extra_sets))
+    config, sets = entry_args(entry, max_steps, list(extra_sets), tokenizer)
     env = dict(slurm.env, ENTRY=entry, CONFIG=config, RUN_DIR=str(run_dir), PYTHON=sys.executable,
                BEIT_ROOT=str(ROOT), MAX_RESTARTS=str(max_restarts),
                EXTRA=" ".join(f"--set {s}" for s in sets))
@@ -99,7 +122,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind", "train") == "train"]  # the trainer also logs evals
 
 
 def entries():
@@ -113,9 +137,9 @@ def describe(slurm, log: Path) -> str:
 
 
 @pytest.mark.parametrize("entry", entries())
-def test_two_node_job_forms_one_world_and_finishes(slurm, tmp_path, entry):
+def test_two_node_job_forms_one_world_and_finishes(slurm, tmp_path, entry, tokenizer):
     steps = 4
-    r, run_dir, log = submit(slurm, tmp_path, entry, steps)
+    r, run_dir, log = submit(slurm, tmp_path, entry, steps, tokenizer=tokenizer)
     assert r.returncode == 0, f"sbatch --wait failed: {r.stderr}\n{describe(slurm, log)}"
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1)), describe(slurm, log)
@@ -130,18 +154,18 @@ def test_two_node_job_forms_one_world_and_finishes(slurm, tmp_path, entry):
 
 
 @pytest.mark.parametrize("entry", entries())
-def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, entry):
-    steps = 12 if entry == PAYLOAD else 40
-    r, run_dir, log = submit(slurm, tmp_path, entry, steps, wait=False)
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, entry, tokenizer):
+    steps = 12 if entry == PAYLOAD else 20
+    r, run_dir, log = submit(slurm, tmp_path, entry, steps, wait=False, tokenizer=tokenizer)
     job = r.stdout.strip().split(";")[0]
     # preempt once a few steps are done, as `#SBATCH --signal=B:USR1@...` would
-    deadline = time.time() + 90
+    deadline = time.time() + 150
     while len(read_metrics(run_dir)) < 3:
         assert time.time() < deadline, f"job made no progress\n{describe(slurm, log)}"
         assert slurm.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), describe(slurm, log)
         time.sleep(0.3)
     slurm.run("scancel", "--signal=USR1", "--batch", job)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while slurm.job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
         assert time.time() < deadline, f"job did not finish\n{describe(slurm, log)}"
         time.sleep(1)
@@ -155,16 +179,21 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, entry):
     assert "received SIGUSR1" in text and "requeueing job" in text
     assert "restart 0/3" in text and "restart 1/3" in text  # both runs appended to one log
     assert "exited with status 3" in text and "exited with status 0" in text
+    # the rerun starts right after the step the preempted run saved: nothing trained twice
+    saved = re.findall(r"^0: .*saved step (\d+)", text, re.M)
+    resumed = re.findall(r"^0: resumed from .* at step (\d+)", text, re.M)
+    assert len(saved) == 1 and resumed == saved, f"saved {saved}, resumed {resumed}\n{describe(slurm, log)}"
     if entry == PAYLOAD:
         stopped = [m["step"] for m in metrics if m["restart"] == 0][-1]
         assert stopped < steps and metrics[stopped]["restart"] == 1  # the rerun took over
 
 
 @pytest.mark.parametrize("entry", entries())
-def test_indivisible_global_batch_fails_fast_with_clear_message(slurm, tmp_path, entry):
+def test_indivisible_global_batch_fails_fast_with_clear_message(slurm, tmp_path, entry, tokenizer):
     # global batch 6 cannot be split into micro batch 2 x world size 2
     t0 = time.time()
-    r, run_dir, log = submit(slurm, tmp_path, entry, 4, extra_sets=["train.global_batch=6"], timeout=90)
+    r, run_dir, log = submit(slurm, tmp_path, entry, 4, extra_sets=["train.global_batch=6"], timeout=90,
+                             tokenizer=tokenizer)
     assert r.returncode != 0, describe(slurm, log)
     text = log.read_text()
     errors = [line for line in text.splitlines() if "global batch 6" in line.lower()
