@@ -73,6 +73,12 @@ def init_distributed() -> None:
     import torch.distributed as dist
     if not dist.is_initialized():
         from deepspeed.accelerator import get_accelerator
+        if get_accelerator().device_name() == "cpu":
+            # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce at start: a minute of
+            # compiling on 2 cores, and a lock left by a killed run blocks every later start.
+            # Plain gloo is what CPU runs (tests, demo) need.
+            import deepspeed.ops
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    verbose=False)
 

@@ -74,7 +74,10 @@ class Task:
             path = root / split
             if not path.is_dir():
                 raise ConfigError(f"{path}: missing '{split}' split under data.path={root}")
-            self._folders[split] = SafeImageFolder(path)
+            try:
+                self._folders[split] = SafeImageFolder(path)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(str(e)) from None
         return self._folders[split]
 
     def preflight(self) -> None:
