@@ -25,7 +25,7 @@ from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, cleanup_stale, en
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = "tests/slurm_payload.py"
 PRETRAIN = "launch/pretrain.py"
-PRETRAIN_CONFIG = "configs/pretrain/base.yaml"  # the sbatch script's default CONFIG
+PRETRAIN_CONFIG = "configs/pretrain/base.yaml"  # the sbatch script's default (unused by the payload)
 SBATCH_SCRIPT = "launch/slurm/pretrain_base.sbatch"
 # CPU overrides of the V100 script: 2 nodes x 1 rank, no GPUs; a 10-minute limit with the
 # automatic USR1 at 5 s before it, so it never fires during a test (it may come ~60 s early).
@@ -56,8 +56,6 @@ def pretrain_ready() -> tuple[bool, str]:
     if _pretrain_ready is None:
         if not (ROOT / PRETRAIN).exists():
             _pretrain_ready = (False, f"{PRETRAIN} does not exist yet")
-        elif not (ROOT / PRETRAIN_CONFIG).exists():
-            _pretrain_ready = (False, f"{PRETRAIN_CONFIG} does not exist yet")
         else:
             r = subprocess.run([sys.executable, PRETRAIN, "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=120)
@@ -67,16 +65,22 @@ def pretrain_ready() -> tuple[bool, str]:
     return _pretrain_ready
 
 
-def entry_args(entry: str, max_steps: int, extra: list[str] = (), tokenizer: Path | None = None):
+def entry_args(entry: str, tmp_path: Path, max_steps: int, extra: list[str] = (),
+               tokenizer: Path | None = None) -> tuple[str, list[str]]:
     """(CONFIG, --set list) for an entry point, CPU-sized."""
     sets = [f"train.max_steps={max_steps}", "train.global_batch=4", "train.micro_batch=2", *extra]
     if entry == PRETRAIN:
-        # debug model, fp32 on CPU, a log line per step, no eval, no periodic checkpoints (only
-        # the one the preemption asks for), and a ready tokenizer so no tokenizer stage runs first
-        sets = ["model.name=beit_debug", "precision=fp32", "checkpoint.every_steps=0",
-                "train.log_every=1", "train.eval_batches=0", f"tokenizer.checkpoint={tokenizer}",
-                f"tokenizer.vocab_size={TOKENIZER_VOCAB}", *sets]
-        return PRETRAIN_CONFIG, sets
+        # The experiment YAML goes through CONFIG like a user's would: debug model, a log line
+        # per step, no eval, no periodic checkpoints (only the one the preemption asks for),
+        # and a ready tokenizer so no tokenizer stage runs first. Precision stays a --set
+        # (it must agree with the DeepSpeed JSON, which is fp16: V100).
+        config = tmp_path / "experiment.yaml"
+        config.write_text(
+            "model: {name: beit_debug}\n"
+            f"tokenizer: {{checkpoint: {tokenizer}, vocab_size: {TOKENIZER_VOCAB}}}\n"
+            "train: {log_every: 1, eval_batches: 0}\n"
+            "checkpoint: {every_steps: 0}\n")
+        return str(config), ["precision=fp32", *sets]
     return PRETRAIN_CONFIG, ["payload.step_seconds=0.4", *sets]
 
 
@@ -103,7 +107,7 @@ def submit(slurm: LocalSlurmCluster, tmp_path: Path, entry: str, max_steps: int,
            extra_sets: list[str] = (), wait: bool = True, max_restarts: int = 3,
            timeout: float = 180, tokenizer: Path | None = None) -> tuple[subprocess.CompletedProcess | subprocess.Popen, Path, Path]:
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
-    config, sets = entry_args(entry, max_steps, list(extra_sets), tokenizer)
+    config, sets = entry_args(entry, tmp_path, max_steps, list(extra_sets), tokenizer)
     env = dict(slurm.env, ENTRY=entry, CONFIG=config, RUN_DIR=str(run_dir), PYTHON=sys.executable,
                BEIT_ROOT=str(ROOT), MAX_RESTARTS=str(max_restarts),
                EXTRA=" ".join(f"--set {s}" for s in sets))
@@ -144,9 +148,11 @@ def test_two_node_job_forms_one_world_and_finishes(slurm, tmp_path, entry, token
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1)), describe(slurm, log)
     text = log.read_text()
-    # run.sh runs srun --label: both ranks' lines are in the one log
-    assert "rank=0/2" in text and "rank=1/2" in text, describe(slurm, log)
-    if entry == PAYLOAD:
+    assert f"2 tasks on 2 node(s) [{','.join(sorted(slurm.nodes))}]" in text  # run.sh's header
+    if entry == PRETRAIN:  # the trainer reports the world it joined
+        assert "| 2 rank(s) on cpu |" in text, describe(slurm, log)
+    else:  # srun --label: every rank's own line is in the one log
+        assert "0: [dist] launcher=slurm rank=0/2" in text and "1: [dist] launcher=slurm rank=1/2" in text
         ranks = [json.loads((run_dir / "world" / f"rank{i}.json").read_text()) for i in range(2)]
         assert {w["slurm_node"] for w in ranks} == set(slurm.nodes)  # one rank on each node
         assert all(w["world_size"] == 2 and w["allreduce_sum"] == 3.0 for w in ranks)

@@ -8,13 +8,16 @@
 #
 # Preemption protocol (contract with beit_scale/train/checkpoint.py):
 #   1. Slurm sends SIGUSR1 to this batch shell (#SBATCH --signal=B:USR1@SECONDS, or by hand:
-#      `scancel --signal=USR1 --batch JOBID`). SIGTERM is treated the same way.
-#   2. We forward it to srun, which forwards it to every training rank.
+#      `scancel --signal=USR1 --batch JOBID`).
+#   2. We forward it to srun, which forwards it to every process of the step (the training
+#      ranks, and their data-loader workers too).
 #   3. Each rank finishes the step in flight, saves a complete checkpoint and exits with
 #      status 3 (REQUEUE_EXIT_CODE: "checkpointed, please requeue").
-#   4. If the ranks exited 3 (or we forwarded a signal) and SLURM_RESTART_COUNT < MAX_RESTARTS,
+#   4. If the ranks exited 3 (or we forwarded USR1) and SLURM_RESTART_COUNT < MAX_RESTARTS,
 #      we `scontrol requeue` the job; the rerun runs the same command and the training resumes
 #      from the run dir's latest checkpoint.
+#   SIGTERM (scancel, time limit, site preemption) is forwarded too, so the ranks save what
+#   they can before Slurm's KillWait runs out, but never leads to a requeue from here.
 #
 # Environment knobs:
 #   PYTHON        interpreter (default: ./.venv/bin/python if present, else python3)
@@ -45,7 +48,7 @@ fi
 SRUN_PID=""
 SIGNALLED=""
 forward() {
-    SIGNALLED=$1
+    [ "$SIGNALLED" = TERM ] || SIGNALLED=$1  # TERM wins: once cancelled, never requeue
     log "received SIG$1: asking all ranks to checkpoint and exit $REQUEUE_EXIT_CODE"
     if [ -n "$SRUN_PID" ]; then kill -s "$1" "$SRUN_PID" 2>/dev/null || true; fi
 }
@@ -78,14 +81,20 @@ while :; do
 done
 log "training exited with status $rc${SIGNALLED:+ (after SIG$SIGNALLED)}"
 
-if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || [ -n "$SIGNALLED" ]; then
+if [ "$SIGNALLED" = TERM ]; then
+    # SIGTERM means scancel, the time limit or the site's own preemption: the ranks have had
+    # their chance to checkpoint, but the job must not come back by itself (Slurm requeues a
+    # job it preempted with PreemptMode=REQUEUE on its own).
+    log "not requeueing after SIGTERM (scancel, time limit or site preemption);" \
+        "resubmit with the same RUN_DIR to resume"
+elif [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || [ "$SIGNALLED" = USR1 ]; then
     if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
         log "requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS);" \
             "the rerun resumes from the latest checkpoint"
         if scontrol requeue "$SLURM_JOB_ID"; then
             exit 0
         fi
-        log "scontrol requeue failed (job cancelled, or requeue disabled on this cluster):" \
+        log "scontrol requeue failed (requeue disabled on this cluster?):" \
             "resubmit the same sbatch command with the same RUN_DIR to resume"
     else
         log "not requeueing: SLURM_RESTART_COUNT=$RESTARTS reached MAX_RESTARTS=$MAX_RESTARTS;" \
