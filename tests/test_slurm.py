@@ -210,3 +210,22 @@ def test_indivisible_global_batch_fails_fast_with_clear_message(slurm, tmp_path,
     job = r.stdout.strip().split(";")[0]
     assert slurm.job_state(job) == "FAILED"
     assert time.time() - t0 < 90
+
+
+def test_scancel_stops_for_good(slurm, tmp_path):
+    """SIGTERM (scancel, time limit) lets the ranks save but must never requeue the job."""
+    r, run_dir, log = submit(slurm, tmp_path, PAYLOAD, 40, wait=False)
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 90
+    while len(read_metrics(run_dir)) < 2:
+        assert time.time() < deadline, f"job made no progress\n{describe(slurm, log)}"
+        time.sleep(0.3)
+    slurm.run("scancel", job)
+    deadline = time.time() + 30
+    while "not requeueing after SIGTERM" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline, f"run.sh did not report the SIGTERM\n{describe(slurm, log)}"
+        time.sleep(0.3)
+    time.sleep(1)
+    assert slurm.job_state(job) == "CANCELLED" and slurm.job_field(job, "Restarts") == "0"
+    assert "requeueing job" not in log.read_text()
+    assert (run_dir / "ckpt.json").exists()  # the ranks still saved on the way out
