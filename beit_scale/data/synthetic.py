@@ -337,6 +337,8 @@ def ensure_synthetic_imagefolder(root: str | os.PathLike | None = None, *, num_c
               flush=True)
     try:
         _generate_into(tmp, params)
+        if _read_marker(root) == want:  # another rank finished the same set meanwhile
+            return root
         if marker is not None:  # a synthetic set with other parameters: move it aside first
             warnings.warn(f"replacing synthetic dataset at {root} (was {marker}, now {want})")
             old = root.parent / f"{_tmp_prefix(root)}{socket.gethostname()}-{os.getpid()}-old"
