@@ -72,6 +72,7 @@ class TrainCfg:
     act_ckpt: str = "none"                     # none | all | every_N  (e.g. every_2)
     act_ckpt_impl: str = "torch"               # torch | deepspeed
     image_log_every: int = 100
+    stop_at_step: int = 0                      # >0: checkpoint and stop there (schedule still spans max_steps)
 
 
 @dataclass

@@ -261,10 +261,22 @@ class CheckpointManager:
     # ---------------------------------------------------------------- load
     def load(self, engine, plan: tuple[Path, str, dict], trainer) -> str:
         load_dir, tag, manifest = plan
+        groups = engine.optimizer.param_groups
+        own = [{k: g[k] for k in ("weight_decay", "lr_scale", "name") if k in g} for g in groups]
         load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {load_dir / tag}")
+        if tag.endswith("_universal"):
+            # DeepSpeed's ZeRO-3 universal loader copies the hyper-parameters of param group 0
+            # into every group, which would give biases/norms weight decay and flatten layer
+            # decay.  The groups are ours: put their settings back, and the lr the restored
+            # schedule says each group should have now.
+            lrs = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
+            for i, (g, mine) in enumerate(zip(groups, own)):
+                g.update(mine)
+                if lrs is not None:
+                    g["lr"] = lrs[i]
         ckpt = load_dir / tag
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank_{self.rank:05d}.json"

@@ -156,6 +156,8 @@ def _main(stage: str, args, env) -> int:
     result = train_stage(cfg, ds, run_dir, env, task)
     if result.get("stopped"):
         return REQUEUE_EXIT_CODE
+    if result.get("paused"):
+        return 0
     if stage == "tokenizer":
         _save_tokenizer_from_run(run_dir, env)
     _say(env, final_report(run_dir))
@@ -178,6 +180,9 @@ def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
     result = train_stage(cfg, ds, tok_dir, env)
     if result.get("stopped"):
         return REQUEUE_EXIT_CODE
+    if result.get("paused"):
+        _say(env, "the tokenizer stage stopped early (train.stop_at_step); run again to continue")
+        return 0
     _save_tokenizer_from_run(tok_dir, env)
     return 0
 

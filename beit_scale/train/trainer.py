@@ -243,16 +243,23 @@ class Trainer:
                 self.evaluate()
 
             stop = signals.agreed(self.device)
-            if stop or self.ckpt.due(self.step, self.device):
+            planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
+            if stop or planned or self.ckpt.due(self.step, self.device):
                 self.ckpt.save(self.engine, self, self.task.extra_state())
-            if stop:
-                stop_reason = signals.name
+            if stop or planned:
+                stop_reason = signals.name if stop else "stop_at_step"
                 break
 
         if stop_reason is None:
             if self.ckpt.latest_step() != self.step:
                 self.ckpt.save(self.engine, self, self.task.extra_state())
         signals.restore()
+        if stop_reason == "stop_at_step":
+            if self.is_main:
+                print(f"stopped at train.stop_at_step={t.stop_at_step} with a checkpoint; run the same "
+                      f"command without it to continue", flush=True)
+            self._close()
+            return {"paused": True, "step": self.step}
         if stop_reason is not None:
             if self.is_main:
                 print(f"received {stop_reason}: saved step {self.step}; exiting with status {REQUEUE_EXIT_CODE} "
