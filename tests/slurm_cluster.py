@@ -293,6 +293,22 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 return tok.split("=", 1)[1]
         return "UNKNOWN"
 
+    TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+    def wait_job(self, job_id: str, timeout: float) -> tuple[str, int]:
+        """Poll until the job has finished for good (through any requeues): (state, exit code).
+        Like `sbatch --wait`, which however polls only every ~10 s."""
+        deadline = time.time() + timeout
+        while True:
+            state = self.job_state(job_id)
+            if state in self.TERMINAL:
+                code = self.job_field(job_id, "ExitCode") or "-1:0"
+                return state, int(code.split(":")[0])
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f}s")
+            time.sleep(0.5)
+
     def job_field(self, job_id: str, field: str) -> str | None:
         r = self.run("scontrol", "show", "job", "-o", job_id, check=False)
         for tok in r.stdout.split():
