@@ -12,6 +12,7 @@ preemption test while launch/pretrain.py is not ready.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -232,3 +233,25 @@ def test_scancel_stops_for_good(slurm, tmp_path):
     assert slurm.job_state(job) == "CANCELLED" and slurm.job_field(job, "Restarts") == "0"
     assert "requeueing job" not in log.read_text()
     assert (run_dir / "ckpt.json").exists()  # the ranks still saved on the way out
+
+
+def test_restart_bound_is_respected(slurm, tmp_path):
+    """With MAX_RESTARTS=0 a preempted job checkpoints and stops (status 3) instead of requeueing."""
+    job, run_dir, log = submit(slurm, tmp_path, PAYLOAD, 40, max_restarts=0)
+    deadline = time.time() + 90
+    while len(read_metrics(run_dir)) < 2:
+        assert time.time() < deadline, f"job made no progress\n{describe(slurm, log)}"
+        time.sleep(0.3)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    state, code = wait_done(slurm, job, log, timeout=60)
+    text = log.read_text()
+    assert (state, code) == ("FAILED", 3), describe(slurm, log)
+    assert "reached MAX_RESTARTS=0" in text and "requeueing job" not in text
+    assert json.loads((run_dir / "ckpt.json").read_text())["step"] == read_metrics(run_dir)[-1]["step"]
+
+
+def test_run_sh_refuses_outside_an_allocation():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", "launch/slurm/run.sh", PAYLOAD], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "inside a Slurm allocation" in r.stderr
