@@ -104,6 +104,20 @@ class InitCfg:
 
 
 @dataclass
+class FinetuneCfg:
+    # Classification fine-tuning only (stage classify); 0 / false switches each one off.
+    mixup: float = 0.0                         # mixup alpha (paper recipe: 0.8)
+    cutmix: float = 0.0                        # cutmix alpha (paper recipe: 1.0)
+    mixup_prob: float = 1.0                    # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5             # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.0               # paper recipe: 0.1
+    ema: bool = False                          # keep an exponential moving average of the weights (ZeRO 0-2)
+    ema_decay: float = 0.9999
+    linear_probe: bool = False                 # freeze the backbone; train fc_norm + head only
+    rand_augment: Optional[str] = None         # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1
+
+
+@dataclass
 class ExperimentCfg:
     stage: str = "mim"                         # tokenizer | mim | classify
     precision: Optional[str] = None            # fp32 | fp16 | bf16; None: the DeepSpeed file decides
@@ -114,6 +128,7 @@ class ExperimentCfg:
     optim: OptimCfg = field(default_factory=OptimCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     init: InitCfg = field(default_factory=InitCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
 
 
 STAGES = ("tokenizer", "mim", "classify")
@@ -308,6 +323,12 @@ def validate(cfg: ExperimentCfg, world_size: int | None = None) -> None:
         raise ConfigError(f"train.act_ckpt_impl={t.act_ckpt_impl!r}: use torch or deepspeed")
     if d.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
+    f = cfg.finetune
+    if f.mixup < 0 or f.cutmix < 0 or not 0 <= f.label_smoothing < 1 or not 0 <= f.mixup_prob <= 1:
+        raise ConfigError("finetune.mixup / cutmix must be >= 0, finetune.label_smoothing in [0, 1), "
+                          "finetune.mixup_prob in [0, 1]")
+    if not 0 < f.ema_decay < 1:
+        raise ConfigError(f"finetune.ema_decay={f.ema_decay}: must be in (0, 1)")
 
 
 def to_dict(cfg: ExperimentCfg) -> dict:

@@ -44,6 +44,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """This process's memory high-water mark in bytes and what it measures (for scaling studies):
+    the CUDA caching allocator's peak of allocated tensors on GPU, the peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"  # Linux: KiB
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -87,6 +96,7 @@ class Trainer:
                  ckpt: CheckpointManager, resume: tuple | None = None):
         self.cfg, self.task, self.ds_config, self.run_dir, self.ckpt = cfg, task, ds_config, run_dir, ckpt
         self.resume = resume
+        task.run_dir = Path(run_dir)  # tasks that write beside the checkpoints (best weights) need it
         self.rank, self.world = rank(), world()
         self.is_main = self.rank == 0
         from deepspeed.accelerator import get_accelerator
@@ -102,6 +112,8 @@ class Trainer:
     def _build(self):
         cfg = self.cfg
         seed_everything(cfg.train.seed)
+        # Memory held before the model exists (imports, process group): studies subtract it on CPU.
+        self.mem_base = peak_memory(self.device)[0]
         model = self.task.build_model()
         self.ckpt_blocks = apply_activation_checkpointing(model, cfg.train.act_ckpt, cfg.train.act_ckpt_impl) \
             if hasattr(model, "blocks") else []
@@ -224,6 +236,11 @@ class Trainer:
                 ls = engine_loss_scale(self.engine)
                 if ls is not None:
                     record["loss_scale"] = ls
+                peak, kind = peak_memory(self.device)
+                mem = torch.tensor([peak, self.mem_base], dtype=torch.float64, device=self.device)
+                if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
+                    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+                record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
                 if self.flops_per_sample:
                     record["tflops_per_device"] = self.flops_per_sample * sps / self.world / 1e12
                 window_start, window_samples = time.time(), 0
