@@ -11,8 +11,9 @@
 #      `scancel --signal=USR1 --batch JOBID`).
 #   2. We forward it to srun, which forwards it to every process of the step (the training
 #      ranks, and their data-loader workers too).
-#   3. Each rank finishes the step in flight, saves a complete checkpoint and exits with
-#      status 3 (REQUEUE_EXIT_CODE: "checkpointed, please requeue").
+#   3. Each rank finishes the step in flight, saves a complete checkpoint, passes a final
+#      barrier (so no rank leaves before the checkpoint is complete) and exits with status 3
+#      (REQUEUE_EXIT_CODE: "checkpointed, please requeue").
 #   4. If the ranks exited 3 (or we forwarded USR1) and SLURM_RESTART_COUNT < MAX_RESTARTS,
 #      we `scontrol requeue` the job; the rerun runs the same command and the training resumes
 #      from the run dir's latest checkpoint.
@@ -22,7 +23,8 @@
 # Environment knobs:
 #   PYTHON        interpreter (default: ./.venv/bin/python if present, else python3)
 #   MAX_RESTARTS  requeue at most this many times (default 3)
-#   SRUN_ARGS     extra srun flags, word-split (e.g. "--cpu-bind=cores")
+#   SRUN_ARGS     extra srun flags, word-split (e.g. "--cpu-bind=cores"); they come after
+#                 ours, so "--kill-on-bad-exit=0" turns that default off
 #   OMP_NUM_THREADS  default 1 per rank, as torchrun does (data loaders use processes)
 set -uo pipefail
 
@@ -60,8 +62,11 @@ log "job ${SLURM_JOB_ID} restart ${RESTARTS}/${MAX_RESTARTS}: ${SLURM_NTASKS:-?}
 
 # Background + wait: bash runs a trap only after the foreground command returns, so a
 # foreground srun would delay the forwarding until training had already ended.
+# --kill-on-bad-exit: a rank that crashes ends the whole step at once, instead of its peers
+# waiting in a collective until the timeout. Safe for the status-3 exit because every rank
+# leaves only after the save's final barrier (the checkpoint is complete by then).
 # shellcheck disable=SC2086
-srun --label ${SRUN_ARGS:-} "$PYTHON" -u "$@" &
+srun --label --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$PYTHON" -u "$@" &
 SRUN_PID=$!
 
 # `wait` returns early (status > 128) whenever a trapped signal arrives; srun is then still
