@@ -18,8 +18,12 @@ import torch
 from beit_scale.train.checkpoint import COMPLETE, MANIFEST, CheckpointManager
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, checksums: bool = False) -> Path:
+    """A checkpoint folder from a run dir / checkpoints dir / checkpoint folder; checksums=True
+    also checks every file's CRC32 (a run dir then falls back past a corrupted newest one)."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.name == "checkpoints" and p.is_dir():
@@ -27,19 +31,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
                         and not c.name.endswith("_universal") and (c / COMPLETE).exists()),
                        key=lambda c: int(c.name.split("_")[1]))
         for c in reversed(cands):
-            if CheckpointManager.verify(c, checksums=False) is None:
+            if CheckpointManager.verify(c, checksums=checksums) is None:
                 return c
-        raise FileNotFoundError(f"{path}: no complete checkpoint found")
+        raise FileNotFoundError(f"{path}: no complete, intact checkpoint in {p} (saves that did not finish "
+                                f"have no {COMPLETE} marker; checksum failures are skipped too)")
     if not (p / MANIFEST).exists():
         raise FileNotFoundError(f"{path}: not a run dir or beit_scale checkpoint folder (no {MANIFEST})")
-    reason = CheckpointManager.verify(p, checksums=False)
+    reason = CheckpointManager.verify(p, checksums=checksums)
     if reason:
         raise ValueError(f"{path}: checkpoint unusable: {reason}")
     return p
 
 
-def consolidated_state_dict(path: str | Path) -> tuple[dict, dict]:
-    ckpt = resolve_checkpoint(path)
+def consolidated_state_dict(path: str | Path, checksums: bool = False) -> tuple[dict, dict]:
+    ckpt = resolve_checkpoint(path, checksums=checksums)
     manifest = json.loads((ckpt / MANIFEST).read_text())
     if manifest["zero_stage"] == 0:
         blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -61,3 +66,182 @@ def save_safetensors(sd: dict, out: str | Path, metadata: dict | None = None) ->
               metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(out)
     return out
+
+
+# ============================================================================ export to files
+# Everything below turns a checkpoint into a self-describing safetensors file (tensors + string
+# metadata, nothing to unpickle), in our parameter names or in timm's Beit layout.
+
+EXPORT_FORMATS = ("safetensors", "timm")
+LAYOUT_OURS, LAYOUT_TIMM = "beit_scale.beit", "timm.beit"
+EXPORT_VERSION = "1"
+# timm registers these two sizes; our config must equal timm's defaults for them to be used by name.
+# (img, patch, chans, dim, depth, heads, mlp, layer scale, rel-pos, abs pos) of timm's defaults.
+_TIMM_NAMED = {
+    "beit_base_patch16_224": (224, 16, 3, 768, 12, 12, 3072, 0.1, "layer", False),
+    "beit_large_patch16_224": (224, 16, 3, 1024, 24, 16, 4096, 1e-5, "layer", False),
+}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked; the message says why and what to do."""
+
+
+def build_stage_model(cfg):
+    """The model a stage trains, built from its resolved ExperimentCfg (random init, CPU).
+
+    Uses the stage's own Task so the architecture (rel-pos, layer scale, classes) is exactly the
+    one that was trained.  A classify checkpoint also builds when beit_scale.train.finetune is
+    not importable (zoo defaults + the model section of the config).
+    """
+    from beit_scale.train.run import make_task
+    try:
+        return make_task(cfg).build_model()
+    except ImportError:
+        if cfg.stage != "classify":
+            raise
+    from beit_scale.models.zoo import build_model
+    m = cfg.model
+    kw = {"num_classes": m.num_classes, "img_size": m.img_size}
+    for src, dst in (("drop_path", "drop_path_rate"), ("layer_scale_init", "layer_scale_init"),
+                     ("rel_pos_bias", "rel_pos_bias")):
+        if getattr(m, src) is not None:
+            kw[dst] = getattr(m, src)
+    return build_model(m.name, task="classify", **kw)
+
+
+def timm_kwargs(bcfg, num_classes: int) -> dict:
+    """Arguments of timm.models.beit.Beit for a (classifier-resolved) BeitConfig."""
+    if bcfg.mlp_dim % bcfg.embed_dim:
+        raise ExportError(f"{bcfg.name}: mlp_dim={bcfg.mlp_dim} is not a multiple of embed_dim="
+                          f"{bcfg.embed_dim}; timm's Beit only takes an mlp_ratio")
+    return {"img_size": bcfg.img_size, "patch_size": bcfg.patch_size, "in_chans": bcfg.in_chans,
+            "embed_dim": bcfg.embed_dim, "depth": bcfg.depth, "num_heads": bcfg.num_heads,
+            "mlp_ratio": bcfg.mlp_dim / bcfg.embed_dim, "init_values": bcfg.layer_scale_init or None,
+            "use_abs_pos_emb": bcfg.abs_pos_emb, "use_rel_pos_bias": bcfg.rel_pos_bias == "layer",
+            "use_shared_rel_pos_bias": bcfg.rel_pos_bias == "shared", "num_classes": num_classes,
+            "global_pool": "avg"}
+
+
+def timm_model_name(bcfg) -> str | None:
+    """timm's registered name when our config is exactly timm's architecture for it, else None."""
+    ref = _TIMM_NAMED.get(bcfg.name)
+    if ref is None:
+        return None
+    mine = (bcfg.img_size, bcfg.patch_size, bcfg.in_chans, bcfg.embed_dim, bcfg.depth, bcfg.num_heads,
+            bcfg.mlp_dim, float(bcfg.layer_scale_init or 0), bcfg.rel_pos_bias, bcfg.abs_pos_emb)
+    return bcfg.name if mine == ref else None
+
+
+def create_timm_model(metadata: dict):
+    """An empty timm Beit matching an export's metadata (timm.create_model by name when it exists)."""
+    import timm
+    kw = json.loads(metadata["timm_kwargs"])
+    name = metadata.get("timm_model", "")
+    if name and name != "Beit":
+        return timm.create_model(name, pretrained=False, num_classes=kw["num_classes"])
+    from timm.models.beit import Beit
+    return Beit(**kw)
+
+
+def _mim_backbone_to_timm(bcfg, sd: dict) -> tuple[dict, "BeitConfig"]:
+    """A MIM state dict -> the backbone of a timm Beit (num_classes=0, global_pool='avg').
+
+    What a timm user gets from `timm.create_model('beit_base_patch16_224', num_classes=0)`:
+    per-layer rel-pos tables (the shared pretraining table copied into every block, as BEiT
+    fine-tuning does: outputs are unchanged), no mask token / LM head / final token norm, and
+    fc_norm at its fresh init (weight 1, bias 0) since pretraining never trained a pooled norm.
+    """
+    from beit_scale.models.convert import adapt_state_dict_to, to_timm
+    target = bcfg.replace(rel_pos_bias="layer" if bcfg.rel_pos_bias in ("layer", "shared") else "none",
+                          num_classes=0)
+    out = adapt_state_dict_to(target, sd, task="classify")
+    out["fc_norm.weight"] = torch.ones(bcfg.embed_dim)
+    out["fc_norm.bias"] = torch.zeros(bcfg.embed_dim)
+    return to_timm(out), target
+
+
+def export_checkpoint(path: str | Path, fmt: str = "safetensors", out: str | Path | None = None,
+                      verify: bool = True) -> tuple[Path, dict]:
+    """Export a run dir / checkpoint folder to one safetensors file; returns (file, metadata).
+
+    fmt='safetensors': our parameter names, the whole model of the stage (MIM: backbone + mask
+    token + final norm + LM head; classify: backbone + head; tokenizer: the dVAE, written so that
+    the MIM stage can load it as tokenizer.checkpoint).
+    fmt='timm': timm's Beit names and layout (classify: loads strictly into timm with the same
+    num_classes; MIM: the backbone, see _mim_backbone_to_timm).  verify=True loads the result
+    strictly into a timm model before writing.
+    """
+    from beit_scale.config import from_dict
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
+    ckpt = resolve_checkpoint(path, checksums=True)
+    sd, manifest = consolidated_state_dict(ckpt)
+    stage, step = manifest.get("stage"), int(manifest["step"])
+    if stage not in ("tokenizer", "mim", "classify"):
+        raise ExportError(f"{path}: manifest has stage={stage!r}; expected tokenizer, mim or classify")
+    if stage == "tokenizer" and fmt == "timm":
+        raise ExportError(f"{path} is a tokenizer (dVAE) checkpoint: timm has no dVAE, so --format timm "
+                          f"does not apply; use --format safetensors (a tokenizer file for tokenizer.checkpoint)")
+    cfg = from_dict(manifest["config"])
+    model = build_stage_model(cfg)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{path}: the checkpoint's weights do not match the model its own config "
+                          f"describes ({manifest.get('model')}, stage {stage}): {e}") from None
+    ours = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
+            for k, v in model.state_dict().items()}
+    meta = {"format_version": EXPORT_VERSION, "stage": stage, "step": step,
+            "model": manifest.get("model") or cfg.model.name,
+            "source": str(ckpt), "samples_seen": manifest.get("samples_seen", ""),
+            "experiment_config": json.dumps(manifest["config"], sort_keys=True)}
+
+    if stage == "tokenizer":
+        from dataclasses import asdict
+        from beit_scale.models.dvae import FORMAT, FORMAT_VERSION
+        # The dVAE file format (models/dvae.py) so that load_tokenizer reads the export directly.
+        meta.update(format=FORMAT, dvae_format_version=FORMAT_VERSION,
+                    config=json.dumps(asdict(model.cfg), sort_keys=True),
+                    vocab_size=model.cfg.vocab_size, img_size=model.cfg.image_size, task="tokenizer")
+        tensors = ours
+    else:
+        bcfg = model.cfg
+        meta.update(task=model.task, img_size=bcfg.img_size, patch_size=bcfg.patch_size,
+                    model_config=json.dumps(bcfg.to_dict(), sort_keys=True))
+        if stage == "mim":
+            meta["vocab_size"] = bcfg.vocab_size
+        else:
+            meta["num_classes"] = bcfg.num_classes
+        if fmt == "safetensors":
+            meta.update(format=LAYOUT_OURS, contents="backbone+" + ("mim_head" if stage == "mim" else "classifier_head"))
+            tensors = ours
+        else:
+            from beit_scale.models.convert import to_timm
+            if stage == "mim":
+                tensors, tcfg = _mim_backbone_to_timm(bcfg, ours)
+                n, contents = 0, "backbone (MIM head, mask token and final norm dropped; shared rel-pos copied per layer)"
+            else:
+                tensors, tcfg, n, contents = to_timm(ours), bcfg, bcfg.num_classes, "backbone+classifier_head"
+            meta.update(format=LAYOUT_TIMM, contents=contents, num_classes=n,
+                        timm_model=timm_model_name(tcfg) or "Beit",
+                        timm_kwargs=json.dumps(timm_kwargs(tcfg, n), sort_keys=True))
+            if verify:
+                tm = create_timm_model({k: str(v) for k, v in meta.items()})
+                try:
+                    tm.load_state_dict(tensors, strict=True)
+                except RuntimeError as e:
+                    raise ExportError(f"the timm export does not load strictly into {meta['timm_model']} "
+                                      f"(timm {__import__('timm').__version__}): {e}") from None
+    if out is None:
+        root = Path(meta["source"]).parent.parent
+        out = root / "exports" / f"{meta['model']}-{stage}-step{step}-{fmt}.safetensors"
+    meta = {k: str(v) for k, v in meta.items()}
+    return save_safetensors(tensors, out, meta), meta
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The string metadata of an exported file (no tensors loaded)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
