@@ -63,6 +63,13 @@ def _dist_env():
     """One view of rank/world from torchrun, deepspeed, Slurm or nothing; exported for torch."""
     from beit_scale.dist.env import detect_dist_env
     env = detect_dist_env(os.environ)
+    if env.launcher == "single" and "MASTER_PORT" not in os.environ:
+        # One plain process still needs a rendezvous port; a fixed one collides with any other
+        # job on the machine, so take a free one.
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env.master_port = s.getsockname()[1]
     env.export(os.environ)
     return env
 
