@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -69,7 +70,7 @@ def _dist_env():
         import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            env.master_port = s.getsockname()[1]
+            env = dataclasses.replace(env, master_port=s.getsockname()[1])
     env.export(os.environ)
     return env
 
