@@ -239,7 +239,7 @@ def test_cli_prints_the_rank_view():
     from pathlib import Path
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD"))},
            **srun_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-m", "beit_scale.dist.env"], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "beit_scale.dist"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "launcher=slurm rank=3/4 local_rank=1/2 node=1/2 master=gpu07:19242" in r.stdout

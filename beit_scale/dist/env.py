@@ -341,12 +341,3 @@ def fail_fast(err: Exception, env: DistEnv, code: int = 2) -> NoReturn:
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
-
-if __name__ == "__main__":  # `srun --label python -m beit_scale.dist.env`: what each rank will use
-    try:
-        _env = detect_dist_env()
-        print(_env.describe(), flush=True)
-        validate_slurm_env(_env)
-    except DistConfigError as _e:
-        print(f"ERROR: {_e}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
