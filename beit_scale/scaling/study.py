@@ -47,7 +47,7 @@ OOM_PATTERNS = ("out of memory", "outofmemoryerror", "cuda error: out of memory"
 DONE_STATUSES = ("ok", "oom", "failed", "timeout")
 
 __all__ = ["StudyConfig", "Point", "load_study", "grid_points", "make_tokenizer", "device_peak",
-           "point_command", "study_dir", "run_point", "summarize_run", "predict", "run_study", "load_results",
+           "point_command", "study_dir", "run_point", "classify_failure", "error_summary", "summarize_run", "predict", "run_study", "load_results",
            "write_outputs", "main"]
 
 
@@ -181,9 +181,8 @@ def device_peak(out_dir: Path) -> dict:
     else:
         n = 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(2):
-            a @ b
-        reps, t0 = 10, time.perf_counter()
+        a @ b
+        reps, t0 = 5, time.perf_counter()
         for _ in range(reps):
             a @ b
         dt = time.perf_counter() - t0
@@ -279,11 +278,10 @@ def run_point(cfg: StudyConfig, p: Point, out_dir: Path, tokenizer: Path, dev: d
             proc.wait()
             rc, status, error = None, "timeout", f"no result after {cfg.timeout_s:.0f} s"
     wall = time.time() - t0
-    text = log_path.read_text(errors="replace")
     if status == "ok" and rc != 0:
-        lowered = text.lower()
-        status = "oom" if any(s in lowered for s in OOM_PATTERNS) else "failed"
-        error = f"exit status {rc}: " + _tail(log_path)
+        text = log_path.read_text(errors="replace")
+        status = classify_failure(text)
+        error = f"exit status {rc}: " + error_summary(text)
     row = _row(p, status, error=error, wall_s=wall)
     if status == "ok":
         row.update(summarize_run(run_dir, cfg.warmup_steps, p.world))
@@ -294,6 +292,28 @@ def run_point(cfg: StudyConfig, p: Point, out_dir: Path, tokenizer: Path, dev: d
     row.update(predict(p, row.get("precision_effective") or p.precision, cfg, tokenizer, dev))
     _mfu(row, p, dev)
     return row
+
+
+def classify_failure(log_text: str) -> str:
+    """'oom' when any rank ran out of GPU memory (the other ranks then die of broken collectives,
+    so the whole log is searched), else 'failed'."""
+    lowered = log_text.lower()
+    return "oom" if any(s in lowered for s in OOM_PATTERNS) else "failed"
+
+
+def error_summary(log_text: str, n_tail: int = 8) -> str:
+    """The lines that say what went wrong ('error: ...', 'SomethingError: ...', from any rank; the
+    launcher's own ChildFailedError report is noise), then the last lines of the log."""
+    import re
+    keys, seen = [], set()
+    for ln in log_text.splitlines():
+        t = ln.strip()
+        if (t.startswith("error:") or re.search(r"\w(Error|Exception): ", t)) and "ChildFailedError" not in t \
+                and t not in seen:
+            seen.add(t)
+            keys.append(t)
+    tail = log_text.splitlines()[-n_tail:]
+    return "\n".join(keys[:5] + ["--- last lines ---"] + tail)
 
 
 def _row(p: Point, status: str, error: str = "", wall_s: float = 0.0) -> dict:
@@ -624,7 +644,7 @@ def _report(out_dir: Path, rows: list[dict], dev: dict, cfg: Optional[StudyConfi
     if bad:
         L += ["## Points that did not finish", ""]
         for r in bad:
-            tail = (r.get("error") or "").strip().splitlines()[-3:]
+            tail = (r.get("error") or "").strip().split("--- last lines ---")[0].splitlines()[:3]
             L.append(f"- **{r['id']}**: {r['status']}" + (": `" + " / ".join(t.strip() for t in tail)[-300:] + "`"
                                                         if tail else ""))
         L.append("")

@@ -1,0 +1,91 @@
+"""Scaling-study harness: a small real grid on CPU end to end, failures as results, resume."""
+import csv
+import json
+import os
+
+import pytest
+
+from beit_scale.scaling import study
+
+
+def _rows(out):
+    return {r["id"]: r for r in study.load_results(out)}
+
+
+def test_load_study_rejects_unknown_keys(tmp_path):
+    y = tmp_path / "s.yaml"
+    y.write_text("models: beit_debug\nzero: [1]\nmicro_batchs: [2]\n")
+    with pytest.raises(ValueError, match="micro_batchs"):
+        study.load_study(y)
+    y.write_text("models: beit_debug\nzero: [1, 2]\nact_ckpt: [true, false]\nranks: 2\n")
+    cfg = study.load_study(y, out_dir=str(tmp_path / "o"))
+    pts = study.grid_points(cfg)
+    assert len(pts) == 4 and {p.world for p in pts} == {2}           # a scalar is a 1-value axis
+    assert len({p.id for p in pts}) == 4
+
+
+def test_failure_classification_and_commands(tmp_path):
+    assert study.classify_failure("...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate") == "oom"
+    assert study.classify_failure("ConfigError: model.name=nope") == "failed"
+    log = ("noise\nerror: model.name=nope: unknown model\n" + "x\n" * 30 +
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n  exitcode  : -15\n")
+    summary = study.error_summary(log)
+    assert summary.startswith("error: model.name=nope") and "ChildFailedError" not in summary.split("---")[0]
+    # one rank: plain python; several: torchrun with the global batch of all ranks
+    cfg = study.load_study(None, out_dir=str(tmp_path), launcher="local")
+    one = study.point_command(cfg, study.Point("beit_debug", 2, True, 4, "fp16", 1), tmp_path, tmp_path / "t")
+    two = study.point_command(cfg, study.Point("beit_debug", 3, False, 4, "bf16", 2), tmp_path, tmp_path / "t")
+    assert one[2] == "launch/pretrain.py" and "train.act_ckpt=all" in one and "train.global_batch=4" in one
+    assert "ds_configs/zero2.json" in one and "precision=fp16" in one
+    assert two[2:4] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in two
+    assert "train.global_batch=8" in two and "ds_configs/zero3.json" in two and "train.act_ckpt=none" in two
+
+
+def test_grid_end_to_end_failures_and_resume(tmp_path):
+    out = tmp_path / "study"
+    # micro batch 0 is an impossible config; it comes first: its failure must not stop the grid.
+    cfg = study.load_study(None, models=["beit_debug"], zero=[1], micro_batch=[0, 2, 4],
+                           precision=["fp32"], ranks=[1], warmup_steps=1, measure_steps=2,
+                           tokenizer_vocab=64, tokenizer_hidden=16, num_workers=0, timeout_s=300,
+                           out_dir=str(out))
+    rows = study.run_study(cfg, progress=False)
+    assert [r["micro_batch"] for r in rows] == [0, 2, 4]
+    by = {r["micro_batch"]: r for r in rows}
+    assert by[0]["status"] == "failed" and "global_batch=0" in by[0]["error"], by[0]
+    for mb in (2, 4):
+        ok = by[mb]
+        assert ok["status"] == "ok", ok.get("error")
+        assert ok["id"] == f"beit_debug-z1-nockpt-mb{mb}-fp32-r1x1"
+        assert ok["measured_steps"] == 2 and ok["global_batch"] == mb and ok["world"] == 1
+        assert ok["samples_per_sec_per_device"] > 0 and ok["tflops_per_device"] > 0 and ok["mfu"] > 0
+        assert ok["peak_mem_kind"] == "cpu_max_rss"
+        assert ok["peak_mem_bytes"] > ok["peak_mem_base_bytes"] > 0
+        # the prediction sits beside the measurement, and the ratio is theirs
+        assert ok["pred_compare_bytes"] > 0
+        assert ok["mem_ratio"] == pytest.approx(ok["measured_mem_bytes"] / ok["pred_compare_bytes"])
+        assert not (out / "points" / ok["id"] / "checkpoints").exists()     # study runs keep no checkpoint
+        assert "--deepspeed_config" in (out / "points" / ok["id"] / "command.txt").read_text()
+    assert by[4]["pred_activations_bytes"] > by[2]["pred_activations_bytes"]
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["status"] for r in table] == ["failed", "ok", "ok"]
+    for png in ("throughput_vs_model.png", "memory_vs_micro_batch.png", "scaling_efficiency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "beit_debug-z1-nockpt-mb2-fp32-r1x1" in report and "predicted" in report
+    assert "global_batch=0: must be positive" in report
+
+    # Re-running skips every recorded point: nothing is launched, nothing is appended.
+    lines = (out / "results.jsonl").read_text()
+    log = out / "points" / "beit_debug-z1-nockpt-mb2-fp32-r1x1" / "log.txt"
+    mtime = os.stat(log).st_mtime_ns
+    rows2 = study.run_study(cfg, progress=False)
+    assert (out / "results.jsonl").read_text() == lines
+    assert os.stat(log).st_mtime_ns == mtime
+    assert [r["status"] for r in rows2] == [r["status"] for r in rows]
+    # retry_failed runs only the failed point again (it fails again and is recorded again)
+    study.run_study(cfg, retry_failed=True, progress=False)
+    new = (out / "results.jsonl").read_text()[len(lines):].splitlines()
+    assert [json.loads(ln)["micro_batch"] for ln in new] == [0]
+    assert os.stat(log).st_mtime_ns == mtime
