@@ -101,8 +101,9 @@ class RelativePositionBias(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.table)
-        with torch.no_grad():
-            self.index.copy_(_cpu_index(self.grid))  # a no-op on the meta device
+        if not self.index.is_meta:  # on meta there is nothing to fill (and nothing to allocate)
+            with torch.no_grad():
+                self.index.copy_(_cpu_index(self.grid))
 
     def forward(self) -> torch.Tensor:
         n1 = self.index.shape[0]
@@ -319,6 +320,9 @@ class BeitBackbone(nn.Module):
         """Images [B, C, H, W] -> tokens [B, 1+N, D] after the last block (no final norm)."""
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
         if bool_masked_pos is not None:
+            if getattr(self, "mask_token", None) is None:
+                raise ValueError(f"{type(self).__name__} has no [MASK] embedding; masking needs "
+                                 "BeitForMIM (build_model(..., task='mim'))")
             m = bool_masked_pos.reshape(x.shape[0], -1, 1)
             x = torch.where(m, self.mask_token.to(x.dtype), x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
