@@ -125,8 +125,10 @@ def _check_is_beit(sd: dict, source) -> None:
 
 
 def load_init_weights(model: torch.nn.Module, source: str | Path, sd: dict | None = None,
-                      kind: str | None = None) -> InitReport:
-    """Copy the weights of `source` into `model` (a BeitClassifier) and report what happened."""
+                      kind: str | None = None, check_only: bool = False) -> InitReport:
+    """Copy the weights of `source` into `model` (a BeitClassifier) and report what happened.
+
+    `check_only`: run every check but copy nothing (preflight, on a meta-device model)."""
     from beit_scale.models.convert import adapt_state_dict_to, from_timm
     if sd is None:
         sd, kind = read_state_dict(source)
@@ -160,8 +162,9 @@ def load_init_weights(model: torch.nn.Module, source: str | Path, sd: dict | Non
     if bad_missing:
         raise ConfigError(f"init.from={source}: the source lacks backbone weights of {mcfg.name!r}: "
                           f"{bad_missing[:8]}. Was it pretrained with another model.name?")
-    result = model.load_state_dict(adapted, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
+    if not check_only:
+        result = model.load_state_dict(adapted, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
     report.loaded, report.missing, report.unexpected = sorted(adapted), missing, dropped
     if "shared_rel_pos.table" in sd and mcfg.rel_pos_bias == "layer":
         report.notes.append(f"shared relative position bias copied into each of the {mcfg.depth} blocks")
@@ -278,7 +281,7 @@ class ClassifyTask(Task):
                 probe = build_model(cfg.model.name, task="classify", **self.model_kwargs())
             _check_is_beit(sd, src)
             self._init = (src, sd, kind)
-            load_init_weights(probe, src, sd=sd, kind=kind)
+            load_init_weights(probe, src, sd=sd, kind=kind, check_only=True)
 
     # -- model
     def _plain_model(self):
@@ -414,8 +417,13 @@ class ClassifyTask(Task):
                 sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank0 else None
         else:
             sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank0 else None
-        if not rank0:
-            return
+        if rank0:
+            self._write_best(sd, info)
+        import torch.distributed as dist
+        if dist.is_initialized():  # the file exists for every rank once this returns
+            dist.barrier()
+
+    def _write_best(self, sd: dict, info: dict) -> None:
         from beit_scale.config import to_dict
         from beit_scale.train.export import save_safetensors
         best = self.run_dir / "best"
