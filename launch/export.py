@@ -27,9 +27,12 @@ def main(argv=None) -> int:
                    help="skip the strict load into timm before writing (--format timm)")
     args = p.parse_args(argv)
 
+    import contextlib
     from beit_scale.train.export import ExportError, export_checkpoint
     try:
-        out, meta = export_checkpoint(args.source, args.format, args.out, verify=args.verify)
+        # DeepSpeed's zero_to_fp32 prints its progress on stdout; keep stdout for our summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            out, meta = export_checkpoint(args.source, args.format, args.out, verify=args.verify)
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR_EXIT
