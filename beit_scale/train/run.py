@@ -88,7 +88,9 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
     ds_raw = load_deepspeed_json(args.deepspeed_config)
     ds = merge_deepspeed_config(cfg, ds_raw, env.world_size, yaml_d, set_d)
     from beit_scale.dist.env import validate_slurm_env
-    validate_slurm_env(env, os.environ, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
+    import torch
+    validate_slurm_env(env, os.environ, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+                       use_gpus=torch.cuda.is_available())
     from beit_scale.train.parallelize import device_supports
     want = file_precision(ds)
     if not device_supports(want):
@@ -137,9 +139,10 @@ def export_tokenizer(engine_module, path: Path) -> None:
 def main(stage: str, argv=None, description: str = "") -> int:
     args = parse_args(argv, description)
     env = _dist_env()
+    from beit_scale.dist.env import DistConfigError
     try:
         return _main(stage, args, env)
-    except ConfigError as e:
+    except (ConfigError, DistConfigError) as e:
         _say(env, f"error: {e}", err=True)
         return CONFIG_ERROR_EXIT
 
