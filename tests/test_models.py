@@ -9,7 +9,7 @@ from beit_scale.models import (BeitClassifier, BeitForMIM, build_model, get_conf
                                resize_rel_pos_bias_table)
 from beit_scale.models.beit import num_relative_distances, relative_position_index
 
-SMALL = ["beit_debug", "beit_tiny", "beit_small"]
+SMALL = ["beit_debug", "beit_mini", "beit_tiny", "beit_small"]
 BIG = [n for n in list_models() if n not in SMALL]
 
 # timm 1.0.31, pretrained=False, 1000 classes (docs: /work/shared/ENVIRONMENT.md).
@@ -43,7 +43,7 @@ def expected_params(cfg, task):
 
 def test_zoo_lists_the_sizes():
     names = list_models()
-    for n in ["beit_debug", "beit_tiny", "beit_small", "beit_base_patch16_224", "beit_large_patch16_224",
+    for n in ["beit_debug", "beit_mini", "beit_tiny", "beit_small", "beit_base_patch16_224", "beit_large_patch16_224",
               "beit_huge_patch16_224", "beit_giant_patch14_224"]:
         assert n in names
     assert get_config("beit_giant_patch14_224").patch_size == 14

@@ -112,8 +112,8 @@ def _size(name, dim, depth, heads, mlp, ls, patch=16, dpr=0.1):
 
 # Sizes. Layer scale 0.1 up to Base, 1e-5 for Large and bigger (BEiT paper / official code).
 _size("beit_debug", 64, 2, 2, 256, 0.1, dpr=0.0)
-_size("beit_tiny", 192, 12, 3, 768, 0.1)
 _size("beit_mini", 128, 6, 4, 512, 0.1, dpr=0.0)   # CPU demo size: ~0.6 GFLOPs per image
+_size("beit_tiny", 192, 12, 3, 768, 0.1)
 _size("beit_small", 384, 12, 6, 1536, 0.1)
 _size("beit_base_patch16_224", 768, 12, 12, 3072, 0.1)
 _size("beit_large_patch16_224", 1024, 24, 16, 4096, 1e-5)
