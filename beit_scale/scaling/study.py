@@ -265,6 +265,10 @@ def run_point(cfg: StudyConfig, p: Point, out_dir: Path, tokenizer: Path, dev: d
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // p.world))
     if _launcher(cfg) == "srun":
         env["MASTER_PORT"] = str(_free_port())
+    else:   # a local run inside an allocation must not take the batch step's Slurm view of ranks
+        for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+                  "SLURM_LOCALID", "SLURM_NODEID"):
+            env.pop(k, None)
     if _launcher(cfg) == "local" and p.nodes > 1:
         return _row(p, "failed", error=f"{p.nodes} nodes need Slurm (launcher srun); this is a local run")
     t0 = time.time()
