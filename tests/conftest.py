@@ -19,3 +19,13 @@ def tokenizer_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.safetensors"
     save_tokenizer(DVAE(DVAEConfig(vocab_size=64, image_size=112, hidden_dim=16)), path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process launcher calls export RANK/WORLD_SIZE/MASTER_* into os.environ; tests that start
+    subprocesses (Slurm jobs, CLIs) must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -49,6 +49,15 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     the CUDA caching allocator's peak of allocated tensors on GPU, the peak resident set on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    # VmHWM is this address space's high-water mark.  getrusage's ru_maxrss is not: Linux keeps
+    # the maximum across fork+exec, so a run started by a big parent reports the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "cpu_max_rss"
+    except OSError:
+        pass
     import resource
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"  # Linux: KiB
 

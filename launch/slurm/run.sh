@@ -84,6 +84,10 @@ while :; do
     fi
     break
 done
+# With --kill-on-bad-exit, the first rank to leave with status 3 gets its slower peers
+# terminated (143) on their way out. They were past the checkpoint's final barrier, so this
+# is still "checkpointed, requeue me".
+if [ -n "$SIGNALLED" ] && [ "$rc" -eq 143 ]; then rc=$REQUEUE_EXIT_CODE; fi
 log "training exited with status $rc${SIGNALLED:+ (after SIG$SIGNALLED)}"
 
 if [ "$SIGNALLED" = TERM ]; then
