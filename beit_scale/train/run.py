@@ -31,14 +31,14 @@ EMBEDDED = {
     "tokenizer": {
         "model": {"name": "dvae"},
         "tokenizer": {"vocab_size": 512, "hidden_dim": 32, "kl_weight": 1e-3},
-        "train": {"max_steps": 120, "global_batch": 32, "micro_batch": 16, "log_every": 10,
+        "train": {"max_steps": 150, "global_batch": 32, "micro_batch": 16, "log_every": 10,
                   "image_log_every": 50, "eval_batches": 4},
         "optim": {"lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10},
     },
     "mim": {
         "model": {"name": "beit_mini", "drop_path": 0.0},
         "tokenizer": {"vocab_size": 512},
-        "train": {"max_steps": 150, "global_batch": 32, "micro_batch": 16, "log_every": 10, "eval_batches": 8},
+        "train": {"max_steps": 200, "global_batch": 32, "micro_batch": 16, "log_every": 10, "eval_batches": 8},
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_steps": 20},
     },
     "classify": {
