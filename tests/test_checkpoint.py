@@ -2,6 +2,7 @@
 fallback, retention, elastic resume across world sizes.  Real 2-rank DeepSpeed runs (ZeRO 2, fp32)."""
 import json
 import os
+import re
 import signal
 import time
 
@@ -59,10 +60,12 @@ def test_exact_resume_after_sigkill(tmp_path, tokenizer_file, reference):
     assert (run_dir / "checkpoints" / "step_00000003" / COMPLETE).exists()
     codes, logs = run_ranks(2, argv, tmp_path / "logs2")
     assert codes == [0, 0], logs[-3000:]
-    assert "resumed from" in logs and "step_00000003" in logs
+    # the kill lands after step 5; under load the step-6 save may have completed first
+    m = re.search(r"resumed from \S*step_0*(\d+) at step", logs)
+    assert m and int(m.group(1)) in (3, 6), logs[-3000:]
     got = losses(run_dir)
     assert sorted(got) == list(range(1, 9))  # metrics after the checkpoint were rewritten, not duplicated
-    for s in range(4, 9):
+    for s in range(int(m.group(1)) + 1, 9):
         assert got[s] == ref[s], (s, got[s], ref[s])
 
 
