@@ -211,7 +211,7 @@ def test_indivisible_global_batch_fails_fast_with_clear_message(slurm, tmp_path,
     errors = [line for line in text.splitlines() if "global batch 6" in line.lower()
               or "global_batch" in line and "6" in line]
     assert errors, f"no clear message about the global batch\n{describe(slurm, log)}"
-    assert any(line.startswith("0:") for line in errors), "rank 0 should print the message"
+    assert any(line.startswith("0:") for line in errors), f"rank 0 should print the message\n{text}"
     assert "requeueing" not in text  # a config error is not a preemption
     assert slurm.job_field(job, "Restarts") == "0"
     assert time.time() - t0 < 90

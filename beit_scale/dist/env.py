@@ -338,6 +338,19 @@ def validate_slurm_env(env: DistEnv, environ: Mapping[str, str] | None = None, *
 def fail_fast(err: Exception, env: DistEnv, code: int = 2) -> NoReturn:
     """Rank 0 prints the message, every rank exits non-zero; no collective is entered."""
     if env.is_main:
-        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        # One line: srun forwards a rank's output line by line and drops what is still in flight
+        # when --kill-on-bad-exit ends the step.
+        print("ERROR: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
+        linger_before_error_exit(1.0)
+    else:
+        linger_before_error_exit()
     raise SystemExit(code)
+
+
+def linger_before_error_exit(seconds: float = 3.0) -> None:
+    """Non-zero ranks wait a moment before exiting on a config error: under `srun
+    --kill-on-bad-exit` the first rank to exit gets the others killed, and rank 0 must live long
+    enough to print the message the user needs."""
+    import time
+    time.sleep(seconds)
 

@@ -143,7 +143,10 @@ def main(stage: str, argv=None, description: str = "") -> int:
     try:
         return _main(stage, args, env)
     except (ConfigError, DistConfigError) as e:
-        _say(env, f"error: {e}", err=True)
+        from beit_scale.dist.env import linger_before_error_exit
+        _say(env, "error: " + " ".join(str(e).split()), err=True)
+        if env.world_size > 1:  # let rank 0's message out before srun's kill-on-bad-exit
+            linger_before_error_exit(1.0 if env.rank == 0 else 3.0)
         return CONFIG_ERROR_EXIT
 
 
