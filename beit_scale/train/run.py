@@ -128,14 +128,6 @@ def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     return Trainer(cfg, task, ds, run_dir, ckpt, plan).fit()
 
 
-def export_tokenizer(engine_module, path: Path) -> None:
-    from beit_scale.models.dvae import save_tokenizer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_tokenizer(engine_module, tmp)
-    os.replace(tmp, path)
-
-
 def main(stage: str, argv=None, description: str = "") -> int:
     args = parse_args(argv, description)
     env = _dist_env()
@@ -157,7 +149,8 @@ def _main(stage: str, args, env) -> int:
     if stage == "mim":
         tokenizer_path = cfg.tokenizer.checkpoint
         if not tokenizer_path:
-            tokenizer_path = run_dir / "tokenizer" / "tokenizer.safetensors"
+            from beit_scale.train.tasks import tokenizer_path_in
+            tokenizer_path = tokenizer_path_in(run_dir / "tokenizer")
             if not tokenizer_path.exists():
                 _say(env, f"no tokenizer.checkpoint given: training the default tokenizer first in "
                           f"{tokenizer_path.parent} (cached there and reused next time)")
@@ -205,16 +198,17 @@ def _save_tokenizer_from_run(run_dir: Path, env) -> None:
     """Consolidate the newest tokenizer checkpoint into the safetensors file MIM loads."""
     import torch.distributed as dist
     if env.rank == 0:
-        from beit_scale.models.dvae import DVAE, DVAEConfig
+        from beit_scale.models.dvae import DVAE, DVAEConfig, save_tokenizer
         from beit_scale.train.export import consolidated_state_dict
+        from beit_scale.train.tasks import tokenizer_path_in
         from beit_scale.config import from_dict
         sd, manifest = consolidated_state_dict(run_dir)
         tcfg = from_dict(manifest["config"])
         model = DVAE(DVAEConfig(vocab_size=tcfg.tokenizer.vocab_size, image_size=tcfg.data.second_input_size,
                                 hidden_dim=tcfg.tokenizer.hidden_dim))
         model.load_state_dict(sd)
-        export_tokenizer(model, run_dir / "tokenizer.safetensors")
-        print(f"tokenizer saved to {run_dir / 'tokenizer.safetensors'}", flush=True)
+        path = save_tokenizer(model, tokenizer_path_in(run_dir))  # atomic (temp file + rename)
+        print(f"tokenizer saved to {path}", flush=True)
     if dist.is_initialized():
         dist.barrier()
 

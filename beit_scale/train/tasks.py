@@ -12,7 +12,6 @@ A task provides:
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -344,11 +343,5 @@ class MIMTask(Task):
 
 
 def tokenizer_path_in(run_dir: Path) -> Path:
-    return Path(run_dir) / "tokenizer" / "tokenizer.safetensors"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    import os
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Where a tokenizer run (or the tokenizer stage of launch/pretrain.py) leaves its file."""
+    return Path(run_dir) / "tokenizer.safetensors"
