@@ -83,6 +83,20 @@ def init_distributed() -> None:
                                    verbose=False)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together and tear it down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's C++ threads can be destroyed while still joinable when
+    a peer has already gone, and the process aborts ("terminate called without an active
+    exception", status -6) after a run that succeeded.  Only for the normal way out: after an
+    error the peers may be gone, and a barrier would hang.
+    """
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
     import deepspeed
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -133,13 +133,16 @@ def main(stage: str, argv=None, description: str = "") -> int:
     env = _dist_env()
     from beit_scale.dist.env import DistConfigError
     try:
-        return _main(stage, args, env)
+        status = _main(stage, args, env)
     except (ConfigError, DistConfigError) as e:
         from beit_scale.dist.env import linger_before_error_exit
         _say(env, "error: " + " ".join(str(e).split()), err=True)
         if env.world_size > 1:  # let rank 0's message out before srun's kill-on-bad-exit
             linger_before_error_exit(1.0 if env.rank == 0 else 3.0)
         return CONFIG_ERROR_EXIT
+    from beit_scale.train.parallelize import shutdown_distributed
+    shutdown_distributed()
+    return status
 
 
 def _main(stage: str, args, env) -> int:

@@ -40,6 +40,8 @@ def main():
                 return (loss * float("inf") if step in bad else loss), m
             task.step = step
         run.train_stage(cfg, ds, run_dir, env, task)
+    from beit_scale.train.parallelize import shutdown_distributed
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
