@@ -73,6 +73,7 @@ class TrainCfg:
     act_ckpt_impl: str = "torch"               # torch | deepspeed
     image_log_every: int = 100
     stop_at_step: int = 0                      # >0: checkpoint and stop there (schedule still spans max_steps)
+    cpu_mem_profile_steps: int = 0             # CPU: track tensor memory (torch profiler) for the first N steps
 
 
 @dataclass
@@ -294,6 +295,8 @@ def validate(cfg: ExperimentCfg, world_size: int | None = None) -> None:
                       ("train.micro_batch", t.micro_batch), ("train.log_every", t.log_every)):
         if val <= 0:
             raise ConfigError(f"{name}={val}: must be positive")
+    if t.cpu_mem_profile_steps < 0:
+        raise ConfigError(f"train.cpu_mem_profile_steps={t.cpu_mem_profile_steps}: must be >= 0 (0 = off)")
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of "
                           f"train.micro_batch={t.micro_batch}")

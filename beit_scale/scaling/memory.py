@@ -71,6 +71,12 @@ project's ds_configs use 2e8 and overlap_comm=true, DeepSpeed's own default is 5
 the prefetch bucket and the parameters below ``stage3_param_persistence_threshold`` that every
 rank keeps whole; ZeRO-0 flattens gradients for all-reduce in chunks of up to the bucket size.
 
+Peak: ZeRO 1-3 keep gradient partitions and buckets allocated across steps, so the peak is
+params + grads + optimizer + activations + tokenizer + buffers.  ZeRO-0 frees its gradients every
+step and backward creates them while it frees activations, so there the peak is params +
+optimizer + tokenizer + max(activations, grads + buffers).  Both were checked against the CPU
+tensor high-water mark of real runs (docs/scaling_study.md).
+
 Overhead (``overhead_bytes``), our stated allowance: 1 GiB fixed for the CUDA context, cuBLAS
 workspaces and NCCL's internal buffers, plus 10 % of everything the caching allocator holds, for
 fragmentation. Both are parameters. The fit check compares ``total_bytes`` with the card's nominal
@@ -282,6 +288,8 @@ class MemoryEstimate:
         lines += [
             f"  tokenizer weights {g(self.tokenizer_bytes)}",
             f"  DeepSpeed buffers {g(self.buffers_bytes)}",
+            *([f"  (ZeRO-0: gradients + buffers and activations peak at different times; the total counts "
+                f"the larger)"] if self.zero == 0 else []),
             f"  overhead          {g(self.overhead_bytes)}  (CUDA context etc. + fragmentation)",
             f"  TOTAL per GPU     {g(self.total_bytes)}",
             f"  host RAM per rank {g(self.host_bytes)}  (offloaded states; peak per node "
@@ -440,7 +448,17 @@ def estimate(model: Union[str, BeitConfig], zero: int, gpus: int, micro_batch: i
         # already counted for them
         buffers = (reduce_bucket_size + prefetch_bucket_size) * a + 2 * a * pc.small_params
 
-    allocated = ms["params"] + ms["grads"] + ms["optimizer"] + activations + tok_weights + buffers
+    if zero == 0:
+        # Without ZeRO the engine frees the gradients every step (set_to_none) and backward
+        # creates them as it frees the activations, block by block; both grow or shrink linearly,
+        # so the peak is at one end: the forward activations, or every gradient plus the
+        # flattened all-reduce copy.  (Measured on CPU with the tensor probe: the sum of the
+        # two over-predicts ZeRO-0 by 25-35 %.)
+        working = max(activations, ms["grads"] + buffers)
+    else:
+        # ZeRO 1-3 keep their gradient partitions and bucket buffers allocated across steps.
+        working = ms["grads"] + activations + buffers
+    allocated = ms["params"] + ms["optimizer"] + tok_weights + working
     overhead = fixed_overhead_bytes + int(fragmentation * allocated)
     total = int(allocated + overhead)
 

@@ -10,8 +10,9 @@ trainer's metrics.jsonl, over the measured steps only:
 * achieved TFLOP/s per device (the task's counted FLOPs per sample x throughput / ranks) and MFU
   against the device's dense peak (``peaks.peak_flops`` on GPU; on CPU a matmul peak measured once
   per study and shared by the ranks of one machine);
-* peak memory per rank (the worst rank): ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on
-  CPU (together with the RSS before the model was built, so the increase can be compared);
+* peak memory per rank (the worst rank): ``torch.cuda.max_memory_allocated`` on GPU; on CPU the
+  trainer's tensor high-water mark over the warm-up steps (``train.cpu_mem_profile_steps``,
+  ``beit_scale/train/mem_probe.py``), so both sides count the same thing: allocated tensors;
 * the analytic prediction (``memory.estimate``) for the same point, and the ratio measured/predicted.
 
 A failed point is a result, not a crash: CUDA "out of memory" in its log -> status ``oom``; any
@@ -230,7 +231,9 @@ def point_command(cfg: StudyConfig, p: Point, run_dir: Path, tokenizer: Path) ->
             "train.log_every=1", "checkpoint.every_steps=0", "train.eval_batches=1",
             "train.image_log_every=0", "optim.warmup_steps=1", f"data.num_workers={cfg.num_workers}",
             f"tokenizer.checkpoint={tokenizer}", f"tokenizer.vocab_size={cfg.tokenizer_vocab}",
-            "checkpoint.resume=none", *cfg.extra_sets]
+            "checkpoint.resume=none",
+            # CPU: the warm-up steps also track tensor memory (profiler; ignored on GPU)
+            f"train.cpu_mem_profile_steps={max(1, cfg.warmup_steps)}", *cfg.extra_sets]
     for s in sets:
         args += ["--set", s]
     py = [sys.executable, "-u"]
@@ -373,13 +376,10 @@ def summarize_run(run_dir: Path, warmup_steps: int, world: int) -> dict:
 
 
 def predict(p: Point, precision: str, cfg: StudyConfig, tokenizer: Path, dev: dict) -> dict:
-    """The memory model's figure to compare with the measurement of this point.
-
-    GPU: everything the allocator holds, i.e. ``total - overhead`` (the overhead is the CUDA context
-    and fragmentation allowance, invisible to max_memory_allocated). CPU: model states +
-    activations (math attention, what CPU runs) + tokenizer weights, i.e. the tensors the model
-    owns, to compare with the increase of peak RSS; DeepSpeed's bucket buffers are left out there
-    because on CPU they are sized to the (tiny) model, not to reduce_bucket_size."""
+    """The memory model's figure to compare with the measurement of this point: what the
+    allocator hands out, ``total - overhead`` (the overhead is the CUDA context and fragmentation
+    allowance, invisible to max_memory_allocated and to the CPU tensor probe), with the attention
+    path the device runs ('sdpa' on GPU, 'math' on CPU), plus the study's own dVAE weights."""
     from beit_scale.models.zoo import get_config
     from beit_scale.scaling.memory import estimate
     try:
@@ -398,12 +398,10 @@ def predict(p: Point, precision: str, cfg: StudyConfig, tokenizer: Path, dev: di
     out = {"pred_model_states_bytes": est.model_states_bytes, "pred_activations_bytes": est.activations_bytes,
            "pred_buffers_bytes": est.buffers_bytes, "pred_total_bytes": est.total_bytes + tok,
            "num_params": est.num_params}
-    if dev["kind"] == "cuda":
-        out["pred_compare_bytes"] = est.total_bytes - est.overhead_bytes + tok
-        out["pred_compare_what"] = "allocated (total - overhead)"
-    else:
-        out["pred_compare_bytes"] = est.model_states_bytes + est.activations_bytes + tok
-        out["pred_compare_what"] = "states + activations + tokenizer"
+    # What the allocator hands out: total - overhead (the overhead is the CUDA context and the
+    # fragmentation allowance, which neither max_memory_allocated nor the CPU probe sees).
+    out["pred_compare_bytes"] = est.total_bytes - est.overhead_bytes + tok
+    out["pred_compare_what"] = "allocated (total - overhead)"
     return out
 
 
@@ -626,26 +624,24 @@ def _report(out_dir: Path, rows: list[dict], dev: dict, cfg: Optional[StudyConfi
                  f"{'yes' if r.get('mem_within_15pct') else 'no' if 'mem_ratio' in r else '-'} |")
     L += ["", "## Memory: what is compared", ""]
     if cpu:
-        L += ["On CPU there is no allocator high-water mark: *measured* is the increase of the worst rank's "
-              "peak resident set (`ru_maxrss`) over its value just before the model was built; *predicted* "
-              "is the memory model's model states + activations (attention='math', what CPU runs) + the "
-              "tokenizer's weights. The RSS increase also holds what the model does not count: DeepSpeed's "
-              "flat buffers and fp32 partition copies, autograd and allocator slack (glibc keeps freed "
-              "blocks), data-loader batches, Python objects. For small models those dominate (a debug "
-              "model's states are a few MiB, the RSS increase is hundreds of MiB), so the ratio is only "
-              "meaningful for models whose states and activations are large (hundreds of MiB and up). "
-              "The 15 % bar is for GPU runs, where max_memory_allocated counts exactly the tensors.", ""]
+        L += ["On CPU there is no allocator counter: *measured* is the trainer's CPU tensor high-water mark "
+              "(every CPU tensor allocation and free reported by the torch profiler over the warm-up steps, "
+              "summed in time order, from just before the model is built), the CPU analogue of "
+              "max_memory_allocated; the worst rank. *predicted* = the memory model's `total_bytes - "
+              "overhead_bytes` with attention='math' (what CPU runs), plus the study's dVAE tokenizer weights. "
+              "DeepSpeed's bucket buffers are real tensors here even where the OS never backs their pages, so "
+              "they are counted on both sides. At least 2 warm-up steps are needed: the first creates the "
+              "optimizer state.", ""]
     else:
         L += ["*measured* = `torch.cuda.max_memory_allocated()` of the worst rank; *predicted* = the memory "
               "model's `total_bytes - overhead_bytes` (overhead = CUDA context + fragmentation allowance, "
               "which the allocator's counter does not see) with attention='sdpa', plus the study's own dVAE "
               "tokenizer weights (the model's DALL-E tokenizer spec is switched off: the study uses a smaller "
               "random dVAE).", ""]
-        both = [r for r in ok if "mem_ratio" in r]
-        if both:
-            n_in = sum(bool(r["mem_within_15pct"]) for r in both)
-            L.append(f"Within 15 %: {n_in} of {len(both)} points.")
-            L.append("")
+    both = [r for r in ok if "mem_ratio" in r]
+    if both:
+        n_in = sum(bool(r["mem_within_15pct"]) for r in both)
+        L += [f"Within 15 %: {n_in} of {len(both)} points.", ""]
     if bad:
         L += ["## Points that did not finish", ""]
         for r in bad:

@@ -123,6 +123,10 @@ class Trainer:
         seed_everything(cfg.train.seed)
         # Memory held before the model exists (imports, process group): studies subtract it on CPU.
         self.mem_base = peak_memory(self.device)[0]
+        self.mem_probe = None
+        if self.device.type == "cpu" and cfg.train.cpu_mem_profile_steps > 0:
+            from beit_scale.train.mem_probe import CpuTensorHighWater
+            self.mem_probe = CpuTensorHighWater().start()
         model = self.task.build_model()
         self.ckpt_blocks = apply_activation_checkpointing(model, cfg.train.act_ckpt, cfg.train.act_ckpt_impl) \
             if hasattr(model, "blocks") else []
@@ -153,6 +157,13 @@ class Trainer:
                           # torch RNG, or a resumed run would draw different drop-path masks.
                           generator=torch.Generator())
 
+    def _peak_memory(self) -> tuple[int, int, str]:
+        """(peak bytes, bytes held before the model was built, what was measured)."""
+        if self.mem_probe is not None and self.mem_probe.peak_bytes is not None:
+            return self.mem_probe.peak_bytes, 0, "cpu_tensor_peak"
+        peak, kind = peak_memory(self.device)
+        return peak, self.mem_base, kind
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "offset": self.offset,
@@ -169,6 +180,8 @@ class Trainer:
         resumed_from = None
         if self.resume is not None:
             resumed_from = self.ckpt.load(self.engine, self.resume, self)
+            if hasattr(self.task, "load_extra_state"):
+                self.task.load_extra_state(*self.ckpt.read_task_state(resumed_from))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -228,6 +241,9 @@ class Trainer:
             self.step += 1
             self.samples_seen += t.global_batch
             window_samples += t.global_batch
+            if self.mem_probe is not None and self.mem_probe.running and \
+                    (self.step >= t.cpu_mem_profile_steps or self.step == t.max_steps):
+                self.mem_probe.stop()
 
             if self.metrics is not None and t.image_log_every and self.step % t.image_log_every == 0:
                 self.task.log_images(self.metrics.tb, self.engine, batch, self.step)
@@ -245,8 +261,8 @@ class Trainer:
                 ls = engine_loss_scale(self.engine)
                 if ls is not None:
                     record["loss_scale"] = ls
-                peak, kind = peak_memory(self.device)
-                mem = torch.tensor([peak, self.mem_base], dtype=torch.float64, device=self.device)
+                peak, base, kind = self._peak_memory()
+                mem = torch.tensor([peak, base], dtype=torch.float64, device=self.device)
                 if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
                     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
@@ -271,14 +287,14 @@ class Trainer:
             stop = signals.agreed(self.device)
             planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
             if stop or planned or self.ckpt.due(self.step, self.device):
-                self.ckpt.save(self.engine, self, self.task.extra_state())
+                self._save()
             if stop or planned:
                 stop_reason = signals.name if stop else "stop_at_step"
                 break
 
         if stop_reason is None:
             if self.ckpt.latest_step() != self.step:
-                self.ckpt.save(self.engine, self, self.task.extra_state())
+                self._save()
         signals.restore()
         if stop_reason == "stop_at_step":
             if self.is_main:
@@ -295,6 +311,10 @@ class Trainer:
         final = self.evaluate()
         self._close()
         return final
+
+    def _save(self) -> None:
+        tensors = self.task.state_tensors() if hasattr(self.task, "state_tensors") else None
+        self.ckpt.save(self.engine, self, self.task.extra_state(), tensors)
 
     def _reduce_metrics(self, sums: dict, n: int) -> dict:
         keys = sorted(sums)
