@@ -17,6 +17,9 @@ def test_load_study_rejects_unknown_keys(tmp_path):
     y.write_text("models: beit_debug\nzero: [1]\nmicro_batchs: [2]\n")
     with pytest.raises(ValueError, match="micro_batchs"):
         study.load_study(y)
+    y.write_text("models: [beit_small_patch16_224]\nzero: [1]\n")   # a timm-style name the zoo lacks
+    with pytest.raises(ValueError, match="unknown model.*beit_small_patch16_224.*zoo models: .*beit_small"):
+        study.load_study(y)
     y.write_text("models: beit_debug\nzero: [1, 2]\nact_ckpt: [true, false]\nranks: 2\n")
     cfg = study.load_study(y, out_dir=str(tmp_path / "o"))
     pts = study.grid_points(cfg)

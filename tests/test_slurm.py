@@ -255,3 +255,30 @@ def test_run_sh_refuses_outside_an_allocation():
     r = subprocess.run(["bash", "launch/slurm/run.sh", PAYLOAD], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "inside a Slurm allocation" in r.stderr
+
+
+def test_scaling_study_sbatch_runs_a_grid_across_node_counts(slurm, tmp_path, tokenizer_file):
+    """launch/slurm/scaling_study.sbatch: one allocation of 2 nodes; the study runs each point
+    as an srun step, on 1 node and on 2, and both finish with measurements."""
+    out = tmp_path / "study"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("models: [beit_debug]\nzero: [2]\nact_ckpt: [false]\nmicro_batch: [2]\n"
+                    "precision: [fp32]\nranks: [1]\nnodes: [1, 2]\nwarmup_steps: 2\nmeasure_steps: 1\n"
+                    "tokenizer_vocab: 64\ntokenizer_hidden: 16\nnum_workers: 0\ntimeout_s: 240\n"
+                    f"out_dir: {out}\n")
+    log = tmp_path / "job.log"
+    env = dict(slurm.env, PYTHON=sys.executable, BEIT_ROOT=str(ROOT))
+    cmd = ["sbatch", "--parsable", f"--output={log}", *CPU_FLAGS, "launch/slurm/scaling_study.sbatch", str(grid)]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    job = r.stdout.strip().split(";")[0]
+    state, code = wait_done(slurm, job, log, timeout=400)
+    assert (state, code) == ("COMPLETED", 0), describe(slurm, log)
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines() if ln.strip()]
+    assert [(r["nodes"], r["world"], r["status"]) for r in rows] == [(1, 1, "ok"), (2, 2, "ok")], \
+        [r.get("error") for r in rows]
+    for r in rows:
+        assert r["samples_per_sec_per_device"] > 0 and r["measured_steps"] == 1
+        cmd_line = (out / "points" / r["id"] / "command.txt").read_text()
+        assert cmd_line.startswith(f"srun --nodes={r['nodes']} --ntasks={r['world']}"), cmd_line
+        assert f"| {r['world']} rank(s) on cpu |" in (out / "points" / r["id"] / "log.txt").read_text()
+    assert (out / "scaling_efficiency.png").exists() and "r1x2" in (out / "report.md").read_text()

@@ -106,6 +106,10 @@ class StudyConfig:
                              "start-up and is never measured)")
         if self.launcher not in ("auto", "local", "srun"):
             raise ValueError(f"launcher={self.launcher!r}: expected auto, local or srun")
+        from beit_scale.models.zoo import list_models
+        bad = [m for m in self.models if m not in list_models()]
+        if bad:  # every point of such a model would fail after a process start; say it now
+            raise ValueError(f"unknown model(s) {bad} in the study grid; zoo models: {', '.join(list_models())}")
 
 
 def load_study(path: Optional[str | os.PathLike] = None, **overrides) -> StudyConfig:
