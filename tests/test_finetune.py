@@ -269,3 +269,65 @@ def test_eval_same_on_one_and_two_ranks(runs):
     assert len(ds) == 15
     assert one["val_top1"] == pytest.approx((logits.argmax(-1) == y).sum().item() / 15, abs=1e-12)
     assert one["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- weight EMA
+
+def _ema_run(run_dir, *extra):
+    return {"stage": "classify", "deepspeed_config": "ds_configs/zero2.json", "run_dir": str(run_dir),
+            "set": FT + ["init.from=scratch", "model.drop_path=0.1", "train.max_steps=6", "train.eval_every=2",
+                         "train.eval_batches=2", "finetune.ema=true", "finetune.ema_decay=0.9",
+                         "checkpoint.resume=auto", *extra]}
+
+
+def test_ema_survives_resume_exactly(tmp_path):
+    """A 2-rank EMA fine-tuning run stopped at step 3 (train.stop_at_step) and resumed in a new
+    process group evaluates its EMA exactly like an uninterrupted run (val_top1_ema, val_loss_ema),
+    and the best-weights record is carried over the resume."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    spec = tmp_path / "first.json"
+    spec.write_text(json.dumps({"runs": [_ema_run(ref), _ema_run(run, "train.stop_at_step=3")]}))
+    codes, logs = run_ranks(2, ["tests/drivers/multi_run.py", str(spec)], tmp_path / "logs1", timeout=600)
+    assert codes == [0, 0], logs[-5000:]
+    ck = run / "checkpoints" / "step_00000003"
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert "task_state.safetensors" in manifest["files"] and manifest["extra"]["best"]["step"] == 2
+    spec = tmp_path / "second.json"
+    spec.write_text(json.dumps({"runs": [_ema_run(run)]}))
+    codes, logs = run_ranks(2, ["tests/drivers/multi_run.py", str(spec)], tmp_path / "logs2", timeout=600)
+    assert codes == [0, 0], logs[-5000:]
+    assert "resumed from" in logs and "restored from the checkpoint" in logs
+    want, got = read_metrics(ref, "eval"), read_metrics(run, "eval")
+    assert [e["step"] for e in want] == [e["step"] for e in got] == [2, 4, 6]
+    for w, g in zip(want, got):
+        assert g["val_loss"] == w["val_loss"], (w, g)  # the model itself resumed exactly
+        assert g["val_top1_ema"] == w["val_top1_ema"] and g["val_loss_ema"] == w["val_loss_ema"], (w, g)
+    assert {r["step"]: r["loss"] for r in read_metrics(run)} == {r["step"]: r["loss"] for r in read_metrics(ref)}
+    # the EMA really lags the weights here (decay 0.9), so a restart from the weights would show
+    assert want[-1]["val_loss_ema"] != want[-1]["val_loss"]
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["val_top1"] == max(e["val_top1"] for e in want)
+
+
+def test_ema_model_does_not_run_the_live_weights_under_activation_checkpointing():
+    from beit_scale.train.finetune import WeightEMA
+    from beit_scale.train.parallelize import apply_activation_checkpointing
+    model = build_model("beit_debug", task="classify", num_classes=10).eval()
+    assert apply_activation_checkpointing(model, "all") == [0, 1]
+    ema = WeightEMA(model, 0.9)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        before = ema.model(x)
+        for p in model.blocks.parameters():
+            p.add_(1.0)
+        assert torch.equal(ema.model(x), before)
+
+
+def test_ema_with_zero3_is_refused_before_the_process_group(tmp_path):
+    r = subprocess.run([sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/zero3.json",
+                        "--run_dir", str(tmp_path / "run"), "--set", "model.name=beit_debug",
+                        "--set", "init.from=scratch", "--set", "finetune.ema=true"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "finetune.ema=true" in r.stderr and "ZeRO 3" in r.stderr
+    assert "[classify]" not in r.stdout and not (tmp_path / "run").exists()

@@ -7,6 +7,8 @@ Layout under the run dir::
       step_00000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed engine)
         rank_00000.json ...       our per-rank state: step, data position, RNG streams
+        task_state.safetensors    tensors the task keeps beside the model (e.g. the weight EMA),
+                                  written by rank 0; only when the task has any
         manifest.json             step, samples, world size, ZeRO stage, precision, config,
                                   every file with its size and CRC32
         COMPLETE                  written last, after every rank finished writing
@@ -46,6 +48,7 @@ from beit_scale.config import ConfigError
 
 REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
 MANIFEST, COMPLETE, LATEST = "manifest.json", "COMPLETE", "LATEST"
+TASK_STATE = "task_state.safetensors"   # the task's tensors (Task.state_tensors), identical on every rank
 _CRC_CHUNK = 1 << 22
 
 
@@ -257,7 +260,7 @@ class CheckpointManager:
             raise RuntimeError(f"universal conversion of {src} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
         # The converter copies the model-states file; our per-rank state and manifest come along.
         for f in src.iterdir():
-            if f.name.startswith("rank_") or f.name == MANIFEST:
+            if f.name.startswith("rank_") or f.name in (MANIFEST, TASK_STATE):
                 shutil.copy2(f, tmp / f.name)
         (tmp / COMPLETE).write_text("converted\n")
         shutil.rmtree(dst, ignore_errors=True)
@@ -298,6 +301,17 @@ class CheckpointManager:
         _barrier()
         return str(ckpt)
 
+    @staticmethod
+    def read_task_state(ckpt: str | Path) -> tuple[dict, dict]:
+        """What the task saved beside the model: (manifest["extra"], tensors of TASK_STATE or {})."""
+        ckpt = Path(ckpt)
+        extra = json.loads((ckpt / MANIFEST).read_text()).get("extra") or {}
+        tensors = {}
+        if (ckpt / TASK_STATE).exists():
+            from safetensors.torch import load_file
+            tensors = load_file(str(ckpt / TASK_STATE))
+        return extra, tensors
+
     # ---------------------------------------------------------------- save
     def start_clock(self) -> None:
         self._last_save_time = time.time()
@@ -314,7 +328,9 @@ class CheckpointManager:
             return bool(flag.item())
         return False
 
-    def save(self, engine, trainer, extra: dict) -> Path:
+    def save(self, engine, trainer, extra: dict, tensors: dict | None = None) -> Path:
+        """`extra` (JSON) goes into the manifest; `tensors` (the task's, the same on every rank)
+        into TASK_STATE, written by rank 0 and covered by the manifest's CRCs."""
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
         step = trainer.step
         tag = tag_for(step)
@@ -334,6 +350,9 @@ class CheckpointManager:
                  "data_order": {"seed": self.config_dict.get("train", {}).get("seed"),
                                 "epoch": trainer.epoch, "offset": trainer.offset}}
         _write_atomic(path / f"rank_{self.rank:05d}.json", json.dumps(state))
+        if tensors and self.rank == 0:
+            from beit_scale.train.export import save_safetensors
+            save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path / TASK_STATE)
         _barrier()
         if self.rank == 0:
             files = {}

@@ -193,11 +193,18 @@ def default_init_source(model_name: str) -> Path | None:
 # ----------------------------------------------------------------------------- EMA
 
 class WeightEMA:
-    """ema = decay * ema + (1 - decay) * weights, after every optimizer step (fp32 copy)."""
+    """ema = decay * ema + (1 - decay) * weights, after every optimizer step (fp32 copy).
+
+    Its tensors are saved in every checkpoint (`ClassifyTask.state_tensors`, as "ema.<name>") and
+    put back on resume, so a resumed run continues the same average."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(module).float().eval().requires_grad_(False)
+        # Activation checkpointing wraps `blk.forward` on the instance with a closure over the
+        # *original* block; deepcopy keeps that closure, so the copy would run the live weights.
+        for m in self.model.modules():
+            m.__dict__.pop("forward", None)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
@@ -206,6 +213,22 @@ class WeightEMA:
                 e.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
             else:
                 e.copy_(p)
+
+    def state_tensors(self) -> dict:
+        # Floating-point entries only: integer buffers (relative-position indices) are derived,
+        # never averaged, and may share storage between blocks, which safetensors refuses.
+        return {f"ema.{k}": v.detach().clone() for k, v in self.model.state_dict().items()
+                if v.is_floating_point()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict) -> None:
+        """Restore from `state_tensors()` output; raises ValueError if the names or shapes differ."""
+        mine = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        theirs = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if set(theirs) != set(mine) or any(theirs[k].shape != v.shape for k, v in mine.items()):
+            raise ValueError("the saved EMA does not match this model")
+        for k, v in mine.items():
+            v.copy_(theirs[k])
 
 
 # ----------------------------------------------------------------------------- the task
@@ -221,6 +244,8 @@ class ClassifyTask(Task):
         self.init_report: InitReport | None = None
         self.mixup = None
         self.ema: WeightEMA | None = None
+        self._ema_saved: dict | None = None  # EMA tensors from the checkpoint being resumed
+        self.ds_config: dict | None = None   # set by run.train_stage before preflight
         self.last_step = 0
         self.best = None
 
@@ -272,6 +297,10 @@ class ClassifyTask(Task):
         if (f.mixup > 0 or f.cutmix > 0) and cfg.train.micro_batch % 2:
             raise ConfigError(f"mixup/cutmix mix each sample with its mirror in the batch and need an even "
                               f"train.micro_batch (got {cfg.train.micro_batch})")
+        zero = int(((self.ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
+        if f.ema and zero == 3:
+            raise ConfigError("finetune.ema=true needs the full weights on every rank, which ZeRO 3 does "
+                              "not keep; use ds_configs/zero2.json (or zero0/1) with EMA, or turn EMA off")
         src = self.init_source()
         if src is not None:
             sd, kind = read_state_dict(src)
@@ -319,6 +348,23 @@ class ClassifyTask(Task):
         return {"init": self.init_report.to_dict() if self.init_report else None,
                 "best": self.best}
 
+    def state_tensors(self) -> dict:
+        """Saved in each checkpoint beside the model: the weight EMA, when on."""
+        if self.ema is not None:
+            return self.ema.state_tensors()
+        return dict(self._ema_saved or {})  # resumed and saved again before the first step
+
+    def load_extra_state(self, extra: dict, tensors: dict) -> None:
+        """On resume: the best-so-far record (so best/ is not overwritten by a worse model) and
+        the EMA tensors (applied when the EMA is attached to the engine)."""
+        self.best = extra.get("best") or self.best
+        if self.cfg.finetune.ema:
+            if any(k.startswith("ema.") for k in tensors):
+                self._ema_saved = {k: v for k, v in tensors.items() if k.startswith("ema.")}
+            else:
+                _say("note: the checkpoint has no weight EMA (saved with finetune.ema off?); "
+                     "the EMA restarts from the resumed weights")
+
     # -- data
     def train_dataset(self):
         from beit_scale.data.datasets import ClassifyDataset
@@ -336,12 +382,18 @@ class ClassifyTask(Task):
 
     # -- objective
     def _attach_ema(self, engine) -> None:
-        if engine.zero_optimization_stage() == 3:
-            raise ConfigError("finetune.ema=true needs the full weights on every rank, which ZeRO 3 does "
-                              "not keep; use ds_configs/zero2.json (or zero0/1) with EMA, or turn EMA off")
+        """Create the EMA (from the checkpoint's, when resuming) and update it after each step."""
+        assert engine.zero_optimization_stage() != 3, "refused in preflight"
         self.ema = WeightEMA(engine.module, self.cfg.finetune.ema_decay)
-        _say(f"weight EMA on (decay {self.cfg.finetune.ema_decay}); it restarts from the current weights "
-             f"when a run resumes")
+        if self._ema_saved is not None:
+            try:
+                self.ema.load_state_tensors(self._ema_saved)
+            except ValueError as e:
+                raise ConfigError(f"cannot resume the weight EMA: {e}") from None
+            self._ema_saved = None
+            _say(f"weight EMA on (decay {self.cfg.finetune.ema_decay}), restored from the checkpoint")
+        else:
+            _say(f"weight EMA on (decay {self.cfg.finetune.ema_decay})")
         original = engine.step
 
         def step_then_ema(*a, _orig=original, **kw):
@@ -383,6 +435,8 @@ class ClassifyTask(Task):
         img = img[:n_valid].to(self.device, _model_dtype(engine.module))
         target = target[:n_valid].to(self.device)
         self._engine = engine
+        if self.cfg.finetune.ema and self.ema is None:  # a resumed run that evaluates before any step
+            self._attach_ema(engine)
         out = self._scores(engine(img).float(), target)
         out["count"] = torch.tensor(float(n_valid), device=target.device)
         if self.ema is not None:

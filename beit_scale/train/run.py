@@ -117,6 +117,7 @@ def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     from beit_scale.train.parallelize import init_distributed
     from beit_scale.train.trainer import Trainer
     task = task or make_task(cfg)
+    task.ds_config = ds  # preflight may check settings that live in the DeepSpeed JSON (ZeRO stage)
     task.preflight()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, to_dict(cfg), env.rank, env.world_size)
     found = ckpt.select_resume()
