@@ -96,6 +96,7 @@ class CheckpointCfg:
     keep_every: int = 0                        # additionally keep every K-th step (0: off)
     resume: str = "auto"                       # auto | none | PATH
     overwrite: bool = False                    # allow resume=none in a run dir that has checkpoints
+    background_finalize: bool = True           # periodic saves: CRC + manifest + COMPLETE on a thread
 
 
 @dataclass

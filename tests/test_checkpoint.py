@@ -161,3 +161,62 @@ def test_elastic_resume_2_to_1_to_2(tmp_path, tokenizer_file, zero):
         assert abs(got[3] - ref[3]) < 1e-5  # the first step after the 2 -> 1 universal load
     m = json.loads((run_dir / "checkpoints" / "step_00000004" / "manifest.json").read_text())
     assert m["world_size"] == 1 and m["samples_seen"] == 32
+
+
+class _FileEngine:
+    """What CheckpointManager.save needs from a DeepSpeed engine: it writes one real file."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = os.path.join(save_dir, tag)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(os.urandom(1 << 16))
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def fp16_enabled(self):
+        return False
+
+    def bfloat16_enabled(self):
+        return False
+
+
+class _Steps:
+    def __init__(self, step):
+        self.step, self.samples_seen, self.epoch, self.offset = step, step * 8, 0, step * 8
+
+    def state_dict(self):
+        return {"step": self.step, "samples_seen": self.samples_seen, "epoch": 0, "offset": self.offset}
+
+
+def test_background_finalize_completes_later_and_reports_errors(tmp_path, monkeypatch):
+    """wait=False returns once the files are written; the checkpoint becomes COMPLETE (and LATEST)
+    only when rank 0's background CRC/manifest pass ends: until then a resume takes the previous one."""
+    import threading
+    import beit_scale.train.checkpoint as ck
+    mgr = CheckpointManager(tmp_path, CheckpointCfg(keep_last=5), {"train": {"seed": 0}})
+    mgr.save(_FileEngine(), _Steps(2), extra={})                       # a complete one to fall back to
+    gate, crc = threading.Event(), ck.file_crc32
+    def gated(p):  # the finalizer thread waits for the gate; the main thread's checks do not
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(30)
+        return crc(p)
+    monkeypatch.setattr(ck, "file_crc32", gated)
+    path = mgr.save(_FileEngine(), _Steps(4), extra={}, wait=False)
+    assert (path / "mp_rank_00_model_states.pt").exists() and not (path / COMPLETE).exists()
+    assert mgr.last_saved_step() == 4 and mgr.latest_step() == 2
+    assert mgr.select_resume()[0].name == "step_00000002"            # a crash now resumes from step 2
+    gate.set()
+    mgr.finish()
+    assert (path / COMPLETE).exists() and mgr.latest_step() == 4
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step_00000004"
+    assert CheckpointManager.verify(path) is None                       # manifest CRCs match the files
+
+    def broken(p):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(ck, "file_crc32", broken)
+    bad = mgr.save(_FileEngine(), _Steps(6), extra={}, wait=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        mgr.finish()
+    assert not (bad / COMPLETE).exists() and mgr.latest_step() == 4

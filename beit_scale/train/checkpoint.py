@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -328,14 +329,26 @@ class CheckpointManager:
             return bool(flag.item())
         return False
 
-    def save(self, engine, trainer, extra: dict, tensors: dict | None = None) -> Path:
-        """`extra` (JSON) goes into the manifest; `tensors` (the task's, the same on every rank)
-        into TASK_STATE, written by rank 0 and covered by the manifest's CRCs."""
+    def save(self, engine, trainer, extra: dict, tensors: dict | None = None, *, wait: bool = True) -> Path:
+        """Write a checkpoint of the current step.
+
+        `extra` (JSON) goes into the manifest; `tensors` (the task's, the same on every rank) into
+        TASK_STATE, written by rank 0 and covered by the manifest's CRCs.
+
+        Every rank writes its files and the ranks meet; what is left is rank 0's *finalization*:
+        reading the files back for their CRC32s (the longest part after the write itself, ~0.2 s
+        per GiB), the manifest, the COMPLETE marker, the LATEST pointer, retention.  With
+        ``wait=False`` that runs on a background thread of rank 0 while training goes on; until it
+        is done the checkpoint has no COMPLETE marker, so a crash in between resumes from the
+        previous one.  The next save, ``finish()`` and interpreter exit (the thread is not a
+        daemon) wait for it; an error in it is raised there.
+        """
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
         step = trainer.step
         tag = tag_for(step)
         path = self.dir / tag
         if self.rank == 0:
+            self._join_finalize()  # the previous save's retention must not race this one
             self.dir.mkdir(parents=True, exist_ok=True)
             if path.exists():  # leftover of a save that crashed (no COMPLETE) or a re-save: start clean
                 if (path / COMPLETE).exists():
@@ -353,12 +366,9 @@ class CheckpointManager:
         if tensors and self.rank == 0:
             from beit_scale.train.export import save_safetensors
             save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path / TASK_STATE)
-        _barrier()
+        _barrier()  # every rank's files are on disk (or in the page cache) from here on
+        self._saved_step = step
         if self.rank == 0:
-            files = {}
-            for f in sorted(path.rglob("*")):
-                if f.is_file() and f.name not in (MANIFEST, COMPLETE) and not f.name.startswith("."):
-                    files[str(f.relative_to(path))] = {"size": f.stat().st_size, "crc32": file_crc32(f)}
             manifest = {
                 "format": "beit_scale-checkpoint-v1", "tag": tag, "step": step,
                 "samples_seen": trainer.samples_seen, "epoch": trainer.epoch, "offset_in_epoch": trainer.offset,
@@ -366,16 +376,57 @@ class CheckpointManager:
                 "precision": "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32",
                 "seed": self.config_dict.get("train", {}).get("seed", 0),
                 "stage": self.config_dict.get("stage"), "model": self.config_dict.get("model", {}).get("name"),
-                "config": self.config_dict, "extra": extra, "created": time.time(), "files": files}
-            _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
-            _write_atomic(path / COMPLETE, f"{step}\n")
-            _write_atomic(self.dir / LATEST, tag + "\n")
-            self._retain()
-            self.log(f"checkpoint saved: {path} ({sum(v['size'] for v in files.values()) / 2**20:.1f} MiB, "
-                     f"{time.time() - t0:.1f}s)")
-        _barrier()
+                "config": self.config_dict, "extra": extra, "created": time.time()}
+            if wait:
+                self._finalize(path, manifest, t0)
+            else:
+                self._finalize_thread = threading.Thread(target=self._finalize_guarded, args=(path, manifest, t0),
+                                                         name=f"finalize-{tag}", daemon=False)
+                self._finalize_thread.start()
+        if wait:
+            _barrier()  # no rank leaves before the checkpoint is complete
         self._last_save_time = time.time()
         return path
+
+    def _finalize(self, path: Path, manifest: dict, t0: float) -> None:
+        """Rank 0: CRC every file, then manifest -> COMPLETE -> LATEST, then retention."""
+        files = {}
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.name not in (MANIFEST, COMPLETE) and not f.name.startswith("."):
+                files[str(f.relative_to(path))] = {"size": f.stat().st_size, "crc32": file_crc32(f)}
+        manifest = dict(manifest, files=files)
+        _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
+        _write_atomic(path / COMPLETE, f"{manifest['step']}\n")
+        _write_atomic(self.dir / LATEST, path.name + "\n")
+        self._retain()
+        self.log(f"checkpoint saved: {path} ({sum(v['size'] for v in files.values()) / 2**20:.1f} MiB, "
+                 f"{time.time() - t0:.1f}s)")
+
+    def _finalize_guarded(self, *args) -> None:
+        try:
+            self._finalize(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread by _join_finalize
+            self._finalize_error = e
+
+    def _join_finalize(self) -> None:
+        t = getattr(self, "_finalize_thread", None)
+        if t is not None:
+            t.join()
+            self._finalize_thread = None
+        err, self._finalize_error = getattr(self, "_finalize_error", None), None
+        if err is not None:
+            raise RuntimeError(f"finishing the previous checkpoint failed: {err}") from err
+
+    def finish(self) -> None:
+        """Wait until the last checkpoint is complete (rank 0 finalizes, every rank waits)."""
+        if self.rank == 0:
+            self._join_finalize()
+        _barrier()
+
+    def last_saved_step(self) -> int | None:
+        """The newest step saved in this process (complete or being finalized), else on disk."""
+        saved = getattr(self, "_saved_step", None)
+        return saved if saved is not None else self.latest_step()
 
     def _retain(self) -> None:
         """Keep the last keep_last complete checkpoints plus every keep_every-th step."""

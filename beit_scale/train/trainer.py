@@ -286,14 +286,16 @@ class Trainer:
 
             stop = signals.agreed(self.device)
             planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
-            if stop or planned or self.ckpt.due(self.step, self.device):
+            if stop or planned:
                 self._save()
+            elif self.ckpt.due(self.step, self.device):
+                self._save(wait=not cfg.checkpoint.background_finalize)
             if stop or planned:
                 stop_reason = signals.name if stop else "stop_at_step"
                 break
 
         if stop_reason is None:
-            if self.ckpt.latest_step() != self.step:
+            if self.ckpt.last_saved_step() != self.step:
                 self._save()
         signals.restore()
         if stop_reason == "stop_at_step":
@@ -312,9 +314,9 @@ class Trainer:
         self._close()
         return final
 
-    def _save(self) -> None:
+    def _save(self, wait: bool = True) -> None:
         tensors = self.task.state_tensors() if hasattr(self.task, "state_tensors") else None
-        self.ckpt.save(self.engine, self, self.task.extra_state(), tensors)
+        self.ckpt.save(self.engine, self, self.task.extra_state(), tensors, wait=wait)
 
     def _reduce_metrics(self, sums: dict, n: int) -> dict:
         keys = sorted(sums)
@@ -359,5 +361,6 @@ class Trainer:
         return result
 
     def _close(self) -> None:
+        self.ckpt.finish()  # a checkpoint still being finalized in the background is complete after this
         if self.metrics is not None:
             self.metrics.close()
