@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval_batches", type=int, default=0, help="x 16 images per evaluation (0: all 500)")
     p.add_argument("--out", default=str(REPO / "runs" / "pretraining_helps"))
+    p.add_argument("--report_only", action="store_true",
+                   help="launch nothing: rebuild the table and curves from the runs already in OUT")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     tok_sets = ["data.num_workers=1", f"tokenizer.vocab_size={a.vocab}", f"data.second_input_size={a.size // 2}",
                 f"train.max_steps={a.tok_steps}", "train.log_every=10", "checkpoint.resume=none",
                 "checkpoint.overwrite=true"]
-    if tok_file.exists() and reusable(tok, tok_sets, a.tok_steps):
+    if a.report_only or (tok_file.exists() and reusable(tok, tok_sets, a.tok_steps)):
         print(f"tokenizer: reusing {tok_file}", flush=True)
     else:
         print("tokenizer", flush=True)
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
             f"tokenizer.vocab_size={a.vocab}", f"data.second_input_size={a.size // 2}",
             f"data.num_mask_patches={max(1, round(a.mask_ratio * grid * grid))}", "data.min_mask_patches=2",
             f"optim.lr={a.pt_lr}", "optim.warmup_steps=20", "train.eval_batches=8"]
-        if reusable(mim, sets, a.pt_steps):
+        if a.report_only or reusable(mim, sets, a.pt_steps):
             print(f"MIM pretraining {r}: reusing {mim}", flush=True)
         else:
             print(f"MIM pretraining {r}", flush=True)
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
         }
         for arm in arms:
             rd = out / f"{arm}_s{seed}"
-            launch("finetune.py", rd, runs[arm], log, timings)
+            if not a.report_only:
+                launch("finetune.py", rd, runs[arm], log, timings)
             arms[arm].append(rows(rd, "eval"))
 
     # ---- table
@@ -159,6 +162,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     mim_evals = [rows(m, "eval")[-1] for m in mims]
     total_min = (time.time() - t_start) / 60
+    if a.report_only:  # the wall time of the run that made them
+        total_min = json.loads((out / "timings.json").read_text())["total_min"]
     budget = (f"{a.model} at {a.size}px; tokenizer {a.tok_steps} steps (vocab {a.vocab}: "
               f"{tok_eval['val_codes_used']} codes used on val images, perplexity {tok_eval['val_perplexity']:.1f}); "
               f"MIM {a.pt_steps} steps x {a.batch} images ({a.pt_steps * a.batch / 2600:.1f} epochs), "
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 5.0))
     for arm, runs in arms.items():
         steps = [e["step"] for e in runs[0]]
         mean = [statistics.mean(r[i]["val_top1"] for r in runs) for i in range(len(steps))]
@@ -188,12 +193,13 @@ def main(argv=None) -> int:
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title(f"{a.model} @ {a.size}px: MIM {a.pt_steps} steps, {a.seeds} seeds (mean, seeds faint)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     png = out / "curves.png"
     fig.savefig(png, dpi=120)
     (out / "table.md").write_text(budget + "\n\n" + table + "\n")
-    (out / "timings.json").write_text(json.dumps(dict(timings, total_min=round(total_min, 2)), indent=1))
+    if not a.report_only:
+        (out / "timings.json").write_text(json.dumps(dict(timings, total_min=round(total_min, 2)), indent=1))
     print(f"\ncurves: {png}\ntable: {out / 'table.md'}\ntotal time {total_min:.1f} min", flush=True)
     return 0
 
