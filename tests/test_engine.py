@@ -102,19 +102,33 @@ def test_activation_checkpointing_under_zero3(zero_runs):
 
 def test_fp16_loss_scaling_and_injected_overflow(tmp_path, tokenizer_file):
     """DeepSpeed's real fp16 path on CPU (test-only switch); an injected inf skips one step and
-    halves the loss scale (hysteresis 1 in this test's DeepSpeed file), and training goes on."""
+    halves the loss scale (hysteresis 1 in this test's DeepSpeed file), and training goes on.
+    A second run in the same process group overflows again at min_loss_scale, where DeepSpeed
+    raises: the trainer saves, says so, and the launcher exits DIVERGED_EXIT_CODE (4)."""
+    from beit_scale.train.checkpoint import COMPLETE, DIVERGED_EXIT_CODE
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     ds["fp16"].update(hysteresis=1, initial_scale_power=8)
     ds_path = tmp_path / "zero2_fp16_h1.json"
     ds_path.write_text(json.dumps(ds))
-    run_dir = tmp_path / "fp16"
-    logs = _run(tmp_path, [{"stage": "mim", "deepspeed_config": str(ds_path), "run_dir": str(run_dir),
-                            "overflow_at": [2],
-                            "set": DEBUG + [f"tokenizer.checkpoint={tokenizer_file}", "tokenizer.vocab_size=64",
-                                            "train.max_steps=5", "train.global_batch=4", "train.micro_batch=2"]}],
-                fp16=True)
+    ds["fp16"].update(initial_scale_power=1, min_loss_scale=1)
+    ds_min = tmp_path / "zero2_fp16_min.json"
+    ds_min.write_text(json.dumps(ds))
+    run_dir, div_dir = tmp_path / "fp16", tmp_path / "diverge"
+    sets = DEBUG + [f"tokenizer.checkpoint={tokenizer_file}", "tokenizer.vocab_size=64",
+                    "train.max_steps=5", "train.global_batch=4", "train.micro_batch=2"]
+    codes, logs = run_ranks(2, ["tests/drivers/multi_run.py", str(_spec(tmp_path, [
+        {"stage": "mim", "deepspeed_config": str(ds_path), "run_dir": str(run_dir), "overflow_at": [2], "set": sets},
+        {"stage": "mim", "deepspeed_config": str(ds_min), "run_dir": str(div_dir), "overflow_at": [2, 3],
+         "set": sets}], fp16=True))], tmp_path / "logs", timeout=900)
+    assert codes == [DIVERGED_EXIT_CODE] * 2, logs[-4000:]
+    div = {r["step"]: r for r in read_metrics(div_dir)}
+    assert sorted(div) == [1, 2, 3] and div[2]["loss_scale"] == 2.0 and div[3]["loss_scale"] == 1.0
+    assert (div_dir / "checkpoints" / "step_00000003" / COMPLETE).exists()
+    assert "overflowed at the minimum loss scale (1.0) during step 4" in logs and "Saved step 3" in logs
     assert "cannot run" not in logs
     rows = {r["step"]: r for r in read_metrics(run_dir)}
+    # skipped steps do not advance DeepSpeed's lr scheduler: the lag is logged
+    assert rows[2]["sched_lag_steps"] == 0 and rows[3]["sched_lag_steps"] == 1 and rows[5]["sched_lag_steps"] == 1
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert json.loads((run_dir / "ds_config.json").read_text())["fp16"]["enabled"] is True
     assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[5]["skipped_steps"] == 1

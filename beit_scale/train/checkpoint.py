@@ -48,6 +48,7 @@ import torch.distributed as dist
 from beit_scale.config import ConfigError
 
 REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
+DIVERGED_EXIT_CODE = 4         # "training diverged (fp16 overflow at the minimum loss scale); saved; do not requeue"
 MANIFEST, COMPLETE, LATEST = "manifest.json", "COMPLETE", "LATEST"
 TASK_STATE = "task_state.safetensors"   # the task's tensors (Task.state_tensors), identical on every rank
 _CRC_CHUNK = 1 << 22
@@ -131,18 +132,22 @@ class SignalFlag:
     def _handler(self, signum, frame):
         self.name = signal.Signals(signum).name
 
-    def agreed(self, device) -> bool:
-        """True on every rank if any rank got a signal (signals may reach ranks at different times)."""
-        local = torch.tensor([1.0 if self.name else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        if local.item() > 0 and self.name is None:
-            self.name = "signal on another rank"
-        return local.item() > 0
-
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def agree_stop_and_clock(signals: SignalFlag, clock_expired: bool, device) -> tuple[bool, bool]:
+    """(stop, save now) on every rank, in one collective and one host sync: stop if any rank got
+    a signal (they may reach ranks at different times); save if rank 0's clock says so (the
+    caller passes False on other ranks)."""
+    flags = torch.tensor([1.0 if signals.name else 0.0, 1.0 if clock_expired else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop, clock = (v > 0 for v in flags.tolist())
+    if stop and signals.name is None:
+        signals.name = "signal on another rank"
+    return stop, clock
 
 
 # ----------------------------------------------------------------------------- manager
@@ -339,17 +344,13 @@ class CheckpointManager:
     def start_clock(self) -> None:
         self._last_save_time = time.time()
 
-    def due(self, step: int, device) -> bool:
-        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
-            return True
-        if self.cfg.every_minutes:
-            # Rank 0's clock decides, so all ranks save together.
-            flag = torch.tensor([1.0 if time.time() - self._last_save_time >= 60 * self.cfg.every_minutes
-                                 else 0.0], device=device)
-            if dist.is_initialized():
-                dist.broadcast(flag, 0)
-            return bool(flag.item())
-        return False
+    def due_by_steps(self, step: int) -> bool:
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
+    def clock_expired(self) -> bool:
+        """checkpoint.every_minutes has passed on this rank's clock (rank 0's decides, through
+        agree_stop_and_clock, so all ranks save together)."""
+        return bool(self.cfg.every_minutes) and time.time() - self._last_save_time >= 60 * self.cfg.every_minutes
 
     def save(self, engine, trainer, extra: dict, tensors: dict | None = None, *, wait: bool = True) -> Path:
         """Write a checkpoint of the current step.

@@ -68,7 +68,12 @@ def device_supports(precision: str) -> bool:
     return True
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_minutes: float = 60.0) -> None:
+    """The process group (NCCL on GPUs, gloo on CPU).  The timeout bounds how long a collective
+    waits for a late rank: long enough for 64 ranks to scan an ImageNet folder on a shared
+    filesystem before the first collective (train.dist_timeout_min)."""
+    import datetime
+
     import deepspeed
     import torch.distributed as dist
     if not dist.is_initialized():
@@ -80,7 +85,7 @@ def init_distributed() -> None:
             import deepspeed.ops
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   verbose=False)
+                                   verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def shutdown_distributed() -> None:
@@ -97,10 +102,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
+def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, device: torch.device | None = None):
+    """`device`: the CUDA device this rank already chose (beit_scale/dist/device.py).  DeepSpeed
+    would otherwise set the device from LOCAL_RANK, which is wrong under per-task GPU binding."""
+    import types
+
     import deepspeed
+    args = types.SimpleNamespace(device_rank=device.index) if device is not None and device.type == "cuda" else None
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if device is not None and device.type == "cuda" and engine.device != device:
+        raise RuntimeError(f"DeepSpeed placed the model on {engine.device} but this rank chose {device}")
     return engine
 
 
@@ -117,6 +129,21 @@ def engine_loss_scale(engine) -> float | None:
     if scaler is not None:
         return float(scaler.cur_scale)
     return None
+
+
+def is_min_loss_scale_error(exc: BaseException) -> bool:
+    """DeepSpeed's fp16 loss scaler raises (raise_error_at_min_scale=True) when gradients overflow
+    again with the scale already at min_loss_scale: the run has diverged."""
+    msg = str(exc).lower()
+    return "loss scale" in msg and "minimum" in msg
+
+
+def scheduler_lag(engine, step: int) -> int | None:
+    """How many steps DeepSpeed's lr scheduler is behind train.step (fp16 skipped steps do not
+    step it); None without a scheduler."""
+    sched = getattr(engine, "lr_scheduler", None)
+    last = getattr(sched, "last_epoch", None)
+    return None if last is None else int(step - last)
 
 
 def engine_grad_norm(engine) -> float | None:

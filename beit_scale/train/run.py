@@ -22,6 +22,7 @@ from pathlib import Path
 
 from beit_scale.config import (ConfigError, build_config, dump_yaml, file_precision, load_deepspeed_json,
                                merge_deepspeed_config, set_precision, to_dict)
+from beit_scale.dist.device import check_precision
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_ERROR_EXIT = 2
@@ -80,22 +81,69 @@ def _say(env, msg: str, err: bool = False) -> None:
         print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
+def device_plan(env):
+    """This process's device: the one `setup_device` bound, else decided now (test drivers)."""
+    from beit_scale.dist.device import current_plan, plan_device
+    return current_plan() or plan_device(env)
+
+
+def setup_device(env):
+    """Choose and set this rank's device first thing: before any tensor, CUDA context or process
+    group (see beit_scale/dist/device.py for why).  Raises DistConfigError (exit 2)."""
+    from beit_scale.dist.device import bind_device, plan_device
+    plan = plan_device(env)
+    bind_device(plan)
+    if plan.type == "cuda" and env.local_rank == 0:
+        print(f"[device] rank {env.rank}: {plan.name} (sm_{plan.capability[0]}{plan.capability[1]}), {plan.why}",
+              flush=True)
+    return plan
+
+
+def fit_embedded_batch(cfg, world_size: int, yaml_d: dict, set_d: dict) -> str | None:
+    """The embedded defaults (global 32, micro 16) must run on 1-8 GPUs per node and more: when
+    the user set neither batch key and micro x world does not divide the global batch, keep the
+    global batch (the same experiment on any GPU count) with a smaller micro batch, or, where
+    the world size does not divide it, round the global batch up to a multiple of it.  Returns
+    the note to print, None when nothing changed."""
+    t = cfg.train
+    user = {k for d in (yaml_d, set_d) for k in (d.get("train") or {}) if k in ("global_batch", "micro_batch")}
+    if user or t.global_batch % (t.micro_batch * world_size) == 0:
+        return None
+    per_rank = -(-t.global_batch // world_size)
+    accum = -(-per_rank // t.micro_batch)
+    while per_rank % accum:
+        accum += 1
+    old = (t.global_batch, t.micro_batch)
+    t.global_batch, t.micro_batch = per_rank * world_size, per_rank // accum
+    return (f"note: the embedded default batch (global {old[0]}, micro {old[1]}) does not divide over "
+            f"{world_size} ranks: using global {t.global_batch} = micro {t.micro_batch} x {world_size} ranks x "
+            f"{accum} accumulation (set train.global_batch / train.micro_batch to choose)")
+
+
 def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict | None = None,
             extra_sets: list[str] | None = None):
     """Config + DeepSpeed JSON + resume plan, all before any process group."""
     cfg, yaml_d, set_d = build_config(stage, args.config, list(args.set) + list(extra_sets or []),
                                       defaults=defaults if defaults is not None else EMBEDDED[stage])
+    if args.config is None and defaults is None:
+        note = fit_embedded_batch(cfg, env.world_size, yaml_d, set_d)
+        if note:
+            _say(env, note)
     ds_raw = load_deepspeed_json(args.deepspeed_config)
     ds = merge_deepspeed_config(cfg, ds_raw, env.world_size, yaml_d, set_d)
     from beit_scale.dist.env import validate_slurm_env
-    import torch
+    plan = device_plan(env)
     validate_slurm_env(env, os.environ, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-                       use_gpus=torch.cuda.is_available())
-    from beit_scale.train.parallelize import device_supports
+                       use_gpus=plan.type == "cuda")
     want = file_precision(ds)
-    if not device_supports(want):
-        _say(env, f"note: this device cannot run {want} (e.g. fp16 on a CPU); running in fp32 instead")
-        set_precision(ds, "fp32")
+    if plan.type == "cuda":
+        check_precision(want, plan)  # e.g. bf16 on a V100: an error, never a silent fallback
+    else:
+        from beit_scale.train.parallelize import device_supports
+        if not device_supports(want):
+            # Only where no GPU is expected (plan_device refuses CPU where one is): the demo on a laptop.
+            _say(env, f"note: the CPU cannot run {want}; running in fp32 instead")
+            set_precision(ds, "fp32")
     cfg.precision = file_precision(ds)
     run_dir = Path(run_dir or args.run_dir or REPO / "runs" / f"{stage}_{cfg.model.name}")
     return cfg, ds, run_dir
@@ -125,7 +173,7 @@ def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     plan = ckpt.prepare_load(found, ds) if found else None
     if found:
         _say(env, f"resuming from {found[0]} (step {found[1]['step']})")
-    init_distributed()
+    init_distributed(cfg.train.dist_timeout_min)
     return Trainer(cfg, task, ds, run_dir, ckpt, plan).fit()
 
 
@@ -134,6 +182,7 @@ def main(stage: str, argv=None, description: str = "") -> int:
     env = _dist_env()
     from beit_scale.dist.env import DistConfigError
     try:
+        setup_device(env)
         status = _main(stage, args, env)
     except (ConfigError, DistConfigError) as e:
         from beit_scale.dist.env import linger_before_error_exit
@@ -147,7 +196,7 @@ def main(stage: str, argv=None, description: str = "") -> int:
 
 
 def _main(stage: str, args, env) -> int:
-    from beit_scale.train.checkpoint import REQUEUE_EXIT_CODE
+    from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
     cfg, ds, run_dir = prepare(stage, args, env)
     tokenizer_path = None
     if stage == "mim":
@@ -165,6 +214,8 @@ def _main(stage: str, args, env) -> int:
                 _say(env, f"using the cached tokenizer {tokenizer_path}")
     task = make_task(cfg, tokenizer_path)
     result = train_stage(cfg, ds, run_dir, env, task)
+    if result.get("diverged"):
+        return DIVERGED_EXIT_CODE
     if result.get("stopped"):
         return REQUEUE_EXIT_CODE
     if result.get("paused"):
@@ -176,7 +227,7 @@ def _main(stage: str, args, env) -> int:
 
 
 def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
-    from beit_scale.train.checkpoint import REQUEUE_EXIT_CODE
+    from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
     sets = [f"tokenizer.vocab_size={mim_cfg.tokenizer.vocab_size}",
             f"data.second_input_size={mim_cfg.data.second_input_size}",
             f"train.seed={mim_cfg.train.seed}", f"data.num_workers={mim_cfg.data.num_workers}",
@@ -189,6 +240,8 @@ def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
                                   set=[s for s in args.set if s.startswith("precision=")] + sets)
     cfg, ds, _ = prepare("tokenizer", tok_args, env, run_dir=tok_dir)
     result = train_stage(cfg, ds, tok_dir, env)
+    if result.get("diverged"):
+        return DIVERGED_EXIT_CODE
     if result.get("stopped"):
         return REQUEUE_EXIT_CODE
     if result.get("paused"):

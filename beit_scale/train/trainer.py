@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from beit_scale.config import ExperimentCfg, dump_yaml, to_dict
 from beit_scale.train import optim as optim_lib
-from beit_scale.train.checkpoint import REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag
-from beit_scale.train.parallelize import (apply_activation_checkpointing, build_engine,
-                                          engine_grad_norm, engine_loss_scale)
+from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
+                                         agree_stop_and_clock)
+from beit_scale.train.parallelize import (apply_activation_checkpointing, build_engine, engine_grad_norm,
+                                          engine_loss_scale, is_min_loss_scale_error, scheduler_lag)
 from beit_scale.train.sampler import ResumableSampler, eval_keys
 
 log = logging.getLogger("beit_scale")
@@ -108,10 +109,11 @@ class Trainer:
         task.run_dir = Path(run_dir)  # tasks that write beside the checkpoints (best weights) need it
         self.rank, self.world = rank(), world()
         self.is_main = self.rank == 0
-        from deepspeed.accelerator import get_accelerator
-        acc = get_accelerator()
-        self.device = torch.device(acc.device_name(acc.current_device())) if acc.device_name() != "cpu" \
-            else torch.device("cpu")
+        # The device this rank chose before the process group (beit_scale/dist/device.py); after
+        # the engine exists it is the engine's (checked equal in build_engine).
+        from beit_scale.dist.device import current_plan
+        plan = current_plan()
+        self.device = plan.torch_device if plan is not None else torch.device("cpu")
         self.step = 0
         self.epoch = 0
         self.offset = 0          # global samples consumed in the current epoch
@@ -136,7 +138,8 @@ class Trainer:
         opt, sched = optim_lib.build_optimizer_and_schedule(
             groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps,
             cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=self._optimizer_cls())
-        self.engine = build_engine(model, opt, sched, self.ds_config)
+        self.engine = build_engine(model, opt, sched, self.ds_config, self.device)
+        self.device = self.engine.device
         self.task.prepare(self.device)
         self.flops_per_sample = self.task.flops_per_sample()
 
@@ -148,11 +151,14 @@ class Trainer:
             return DeepSpeedCPUAdam
         return torch.optim.AdamW
 
-    def _loader(self, dataset, sampler_or_keys, batch_size):
+    def _loader(self, dataset, sampler_or_keys, batch_size, persistent: bool = False):
         nw = self.cfg.data.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler_or_keys, num_workers=nw,
                           pin_memory=self.device.type == "cuda", drop_last=isinstance(sampler_or_keys, ResumableSampler),
-                          persistent_workers=False, prefetch_factor=4 if nw > 0 else None,
+                          # The training loader lives for the whole run: its workers are reused
+                          # across epochs (the sampler is iterated in this process, so moving its
+                          # position and calling iter() again is all a new epoch needs).
+                          persistent_workers=persistent and nw > 0, prefetch_factor=4 if nw > 0 else None,
                           # A private generator: creating an iterator must not consume the global
                           # torch RNG, or a resumed run would draw different drop-path masks.
                           generator=torch.Generator())
@@ -211,6 +217,7 @@ class Trainer:
 
         signals = SignalFlag.install()
         self.engine.train()
+        loader = self._loader(train_ds, sampler, t.micro_batch, persistent=True)
         data_iter = None
         window_start, window_samples = time.time(), 0
         start_time, start_step = time.time(), self.step
@@ -223,21 +230,29 @@ class Trainer:
             for _ in range(accum):
                 if data_iter is None:
                     sampler.set_position(self.epoch, self.offset)
-                    data_iter = iter(self._loader(train_ds, sampler, t.micro_batch))
+                    data_iter = iter(loader)
                 batch = next(data_iter, None)
                 if batch is None:  # epoch finished
-                    self.epoch, self.offset, data_iter = self.epoch + 1, 0, None
+                    self.epoch, self.offset = self.epoch + 1, 0
                     sampler.set_position(self.epoch, 0)
-                    data_iter = iter(self._loader(train_ds, sampler, t.micro_batch))
+                    data_iter = iter(loader)
                     batch = next(data_iter)
                 loss, m = self.task.step(self.engine, batch, self.step)
-                self.engine.backward(loss)
-                self.engine.step()
+                try:
+                    self.engine.backward(loss)
+                    self.engine.step()
+                except Exception as e:  # noqa: BLE001 - only DeepSpeed's min-loss-scale abort is handled
+                    if not is_min_loss_scale_error(e):
+                        raise
+                    stop_reason = "diverged"
+                    break
                 self.offset += per_step
                 m = dict(m, loss=loss.detach().float())
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0) + v.detach().float().to(self.device)
                 n_sums += 1
+            if stop_reason == "diverged":
+                break
             self.step += 1
             self.samples_seen += t.global_batch
             window_samples += t.global_batch
@@ -245,8 +260,11 @@ class Trainer:
                     (self.step >= t.cpu_mem_profile_steps or self.step == t.max_steps):
                 self.mem_probe.stop()
 
-            if self.metrics is not None and t.image_log_every and self.step % t.image_log_every == 0:
-                self.task.log_images(self.metrics.tb, self.engine, batch, self.step)
+            if t.image_log_every and self.step % t.image_log_every == 0:
+                # Every rank runs the forward (under ZeRO-3 it all-gathers partitioned weights);
+                # only rank 0 has a writer and draws.
+                self.task.log_images(self.metrics.tb if self.metrics is not None else None,
+                                     self.engine, batch, self.step)
 
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 record = self._reduce_metrics(sums, n_sums)
@@ -261,6 +279,11 @@ class Trainer:
                 ls = engine_loss_scale(self.engine)
                 if ls is not None:
                     record["loss_scale"] = ls
+                lag = scheduler_lag(self.engine, self.step)
+                if lag is not None:
+                    # fp16 skipped steps do not advance DeepSpeed's lr scheduler: the lr printed
+                    # here is the schedule's value `lag` steps behind train.step.
+                    record["sched_lag_steps"] = lag
                 peak, base, kind = self._peak_memory()
                 mem = torch.tensor([peak, base], dtype=torch.float64, device=self.device)
                 if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
@@ -284,20 +307,26 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                 self.evaluate()
 
-            stop = signals.agreed(self.device)
+            # Signals and rank 0's checkpoint clock: one collective and one host sync every
+            # train.sync_every steps, not every step.
+            stop = clock = False
+            if self.step % t.sync_every == 0:
+                stop, clock = agree_stop_and_clock(signals, self.is_main and self.ckpt.clock_expired(), self.device)
             planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
             if stop or planned:
                 self._save()
-            elif self.ckpt.due(self.step, self.device):
+            elif clock or self.ckpt.due_by_steps(self.step):
                 self._save(wait=not cfg.checkpoint.background_finalize)
             if stop or planned:
                 stop_reason = signals.name if stop else "stop_at_step"
                 break
 
-        if stop_reason is None:
+        if stop_reason is None or stop_reason == "diverged":
             if self.ckpt.last_saved_step() != self.step:
                 self._save()
         signals.restore()
+        if stop_reason == "diverged":
+            return self._diverged()
         if stop_reason == "stop_at_step":
             if self.is_main:
                 print(f"stopped at train.stop_at_step={t.stop_at_step} with a checkpoint; run the same "
@@ -313,6 +342,20 @@ class Trainer:
         final = self.evaluate()
         self._close()
         return final
+
+    def _diverged(self) -> dict:
+        """DeepSpeed's fp16 loss scale sat at min_loss_scale and overflowed again: it raises there
+        instead of skipping.  The weights are those of the last finished step (the failed one made
+        no update); they were saved just before this, so nothing is lost."""
+        if self.is_main:
+            scale = engine_loss_scale(self.engine)
+            print(f"error: fp16 gradients overflowed at the minimum loss scale ({scale}) during step "
+                  f"{self.step + 1}: training has diverged. Saved step {self.step} in {self.ckpt.dir}. "
+                  f"Resume from it with a lower optim.lr, bf16 (--set precision=bf16 on A100/H100), or a "
+                  f"lower min_loss_scale in the DeepSpeed file; exiting with status {DIVERGED_EXIT_CODE} "
+                  f"(not requeued)", file=sys.stderr, flush=True)
+        self._close()
+        return {"diverged": True, "step": self.step}
 
     def _save(self, wait: bool = True) -> None:
         tensors = self.task.state_tensors() if hasattr(self.task, "state_tensors") else None

@@ -39,7 +39,12 @@ def main():
                 loss, m = _f(engine, batch, step)
                 return (loss * float("inf") if step in bad else loss), m
             task.step = step
-        run.train_stage(cfg, ds, run_dir, env, task)
+        result = run.train_stage(cfg, ds, run_dir, env, task)
+        if result.get("diverged"):  # the launcher's exit status for it; the peers agree (same overflow)
+            from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE
+            from beit_scale.train.parallelize import shutdown_distributed
+            shutdown_distributed()
+            sys.exit(DIVERGED_EXIT_CODE)
     from beit_scale.train.parallelize import shutdown_distributed
     shutdown_distributed()
 
