@@ -62,10 +62,49 @@ def test_parse_tasks_per_node_rejects_garbage():
         parse_tasks_per_node("2(3)")
 
 
+# Linux's default ephemeral range (/proc/sys/net/ipv4/ip_local_port_range): the kernel hands
+# these out as source ports of outgoing connections, so a rendezvous port there can be taken.
+EPHEMERAL = range(32768, 61000)
+WELL_KNOWN = (10000, 10001, 11211, 15672, 27017, 29400, 29500, 29501)
+
+
 def test_port_is_deterministic_and_in_range():
-    assert slurm_port(123) == slurm_port(123) == 15123
-    assert slurm_port(20000) == 15000 and slurm_port(123) != slurm_port(124)
-    assert all(1024 < slurm_port(j) < 65536 for j in (0, 1, 19999, 10**9 + 7))
+    n = len(distenv.SLURM_PORTS)
+    assert n > 15000 and len(set(distenv.SLURM_PORTS)) == n
+    assert slurm_port(123) == slurm_port(123) == slurm_port("123")
+    assert slurm_port(123) != slurm_port(124) and slurm_port(0) == slurm_port(n)
+    for j in [0, 1, 19999, 20000, 32768, 10**9 + 7, 2**31 - 1, *range(n - 50, n + 50)]:
+        p = slurm_port(j)
+        assert 10000 <= p < 30000 and p not in EPHEMERAL and p not in WELL_KNOWN, (j, p)
+
+
+def test_port_never_in_ephemeral_range_or_on_a_known_service():
+    ports = set(distenv.SLURM_PORTS)
+    assert ports.isdisjoint(EPHEMERAL) and ports.isdisjoint(range(30000, 32768))  # k8s NodePorts too
+    assert ports.isdisjoint(WELL_KNOWN) and ports.isdisjoint(range(29000, 30000))
+    # and below this machine's ephemeral range, when it is not the default
+    try:
+        lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        lo = None
+    if lo is not None and lo >= 30000:
+        assert max(ports) < lo
+
+
+def test_port_spreads_job_ids():
+    n = len(distenv.SLURM_PORTS)
+    # consecutive jobs (the usual neighbours on a shared node) never collide within a window of n
+    window = [slurm_port(j) for j in range(987_654, 987_654 + n)]
+    assert len(set(window)) == n
+    # a burst of 2000 consecutive ids uses 2000 distinct ports spread over the range, not a corner
+    burst = [slurm_port(j) for j in range(5_000_000, 5_002_000)]
+    assert len(set(burst)) == 2000
+    # scattered ids land all over the range: every tenth of it gets some
+    import random
+    rng = random.Random(0)
+    scattered = [slurm_port(rng.randrange(10**8)) for _ in range(2000)]
+    deciles = {(p - 10000) * 10 // 20000 for p in scattered}
+    assert deciles == set(range(10))
 
 
 # ---- launcher mappings --------------------------------------------------------------------
@@ -83,7 +122,7 @@ def srun_env(**kw):
 def test_slurm_srun_task():
     e = detect_dist_env(srun_env())
     assert e == DistEnv(rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1,
-                        num_nodes=2, master_addr="gpu07", master_port=15000 + 4242, launcher="slurm")
+                        num_nodes=2, master_addr="gpu07", master_port=slurm_port(4242), launcher="slurm")
 
 
 def test_slurm_uneven_layout_uses_this_nodes_count():
@@ -100,7 +139,16 @@ def test_slurm_only_job_level_variables():
            "SLURM_NODEID": "1", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
            "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "a,b"}
     e = detect_dist_env(env)
-    assert (e.rank, e.world_size, e.local_world_size, e.master_addr, e.master_port) == (1, 2, 1, "a", 15007)
+    assert (e.rank, e.world_size, e.local_world_size, e.master_addr, e.master_port) == \
+        (1, 2, 1, "a", slurm_port(7))
+
+
+def test_every_task_of_a_job_agrees_on_the_port():
+    views = [detect_dist_env(srun_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r % 2), SLURM_NODEID=str(r // 2)))
+             for r in range(4)]
+    assert {(v.master_addr, v.master_port) for v in views} == {("gpu07", slurm_port(4242))}
+    other_job = detect_dist_env(srun_env(SLURM_JOB_ID="4243", SLURM_JOBID="4243"))
+    assert other_job.master_port != views[0].master_port
 
 
 def test_slurm_respects_preset_master():
@@ -157,7 +205,7 @@ def test_export_round_trips_through_env_rank_detection():
     out = {}
     e.export(out)
     assert out == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                   "GROUP_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": str(15000 + 4242)}
+                   "GROUP_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": str(slurm_port(4242))}
     again = detect_dist_env(out)
     assert (again.rank, again.world_size, again.local_rank, again.master_addr, again.master_port) == \
         (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port)
@@ -242,4 +290,4 @@ def test_cli_prints_the_rank_view():
     r = subprocess.run([sys.executable, "-m", "beit_scale.dist"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "launcher=slurm rank=3/4 local_rank=1/2 node=1/2 master=gpu07:19242" in r.stdout
+    assert f"launcher=slurm rank=3/4 local_rank=1/2 node=1/2 master=gpu07:{slurm_port(4242)}" in r.stdout

@@ -44,6 +44,43 @@ def test_failure_classification_and_commands(tmp_path):
     assert "train.global_batch=8" in two and "ds_configs/zero3.json" in two and "train.act_ckpt=none" in two
 
 
+def test_srun_command_passes_cpus_per_task(tmp_path, monkeypatch):
+    """srun 22.05+ does not inherit the allocation's --cpus-per-task: each point's srun step passes
+    it (study config > SRUN_CPUS_PER_TASK > SLURM_CPUS_PER_TASK), else every rank and its data
+    workers get one core."""
+    for k in ("SRUN_CPUS_PER_TASK", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = study.load_study(None, out_dir=str(tmp_path), launcher="srun")
+    p = study.Point("beit_debug", 2, False, 4, "fp16", 4, 2)
+    head = ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4"]
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "10")          # sbatch --cpus-per-task=10
+    cmd = study.point_command(cfg, p, tmp_path, tmp_path / "t")
+    assert cmd[:6] == [*head, "--cpus-per-task=10", "--kill-on-bad-exit=1"]
+    assert cmd[6:9] == [cmd[6], "-u", "launch/pretrain.py"] and "train.global_batch=32" in cmd
+
+    monkeypatch.setenv("SRUN_CPUS_PER_TASK", "6")            # the user's srun setting wins
+    assert study.point_command(cfg, p, tmp_path, tmp_path / "t")[4] == "--cpus-per-task=6"
+
+    y = tmp_path / "s.yaml"                                  # the study config wins over both
+    y.write_text("models: beit_debug\ncpus_per_task: 3\n")
+    cfg3 = study.load_study(y, out_dir=str(tmp_path), launcher="srun")
+    assert study.point_command(cfg3, p, tmp_path, tmp_path / "t")[4] == "--cpus-per-task=3"
+
+    for k in ("SRUN_CPUS_PER_TASK", "SLURM_CPUS_PER_TASK"):  # nothing says: srun's own default
+        monkeypatch.delenv(k)
+    cmd = study.point_command(cfg, p, tmp_path, tmp_path / "t")
+    assert cmd[:5] == [*head, "--kill-on-bad-exit=1"] and not any("cpus-per-task" in a for a in cmd)
+    # a local run has no srun and no flag
+    local = study.point_command(study.load_study(None, out_dir=str(tmp_path), launcher="local", cpus_per_task=3),
+                                p, tmp_path, tmp_path / "t")
+    assert not any("cpus-per-task" in a for a in local)
+
+    y.write_text("models: beit_debug\ncpus_per_task: -1\n")
+    with pytest.raises(ValueError, match="cpus_per_task"):
+        study.load_study(y)
+
+
 def test_grid_end_to_end_failures_and_resume(tmp_path):
     out = tmp_path / "study"
     # micro batch 0 is an impossible config; it comes first: its failure must not stop the grid.

@@ -159,6 +159,7 @@ def test_two_node_job_forms_one_world_and_finishes(slurm, tmp_path, entry, token
     assert [m["step"] for m in metrics] == list(range(1, steps + 1)), describe(slurm, log)
     text = log.read_text()
     assert f"2 tasks on 2 node(s) [{','.join(sorted(slurm.nodes))}]" in text  # run.sh's header
+    assert "(CPUs per task: 1)" in text          # sbatch --cpus-per-task reached srun explicitly
     if entry == PRETRAIN:  # the trainer reports the world it joined
         assert "| 2 rank(s) on cpu |" in text, describe(slurm, log)
     else:  # srun --label: every rank's own line is in the one log
@@ -257,6 +258,41 @@ def test_run_sh_refuses_outside_an_allocation():
     assert r.returncode == 2 and "inside a Slurm allocation" in r.stderr
 
 
+def _fake_srun_run_sh(tmp_path: Path, **env_vars) -> str:
+    """run.sh's srun command line, with a stand-in srun on PATH that prints its arguments."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "srun").write_text('#!/bin/bash\necho "SRUN $*"\n')
+    (fake / "srun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
+    env.update(PATH=f"{fake}:{env['PATH']}", SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
+               SLURM_JOB_NODELIST="n1", PYTHON="python3", **env_vars)
+    r = subprocess.run(["bash", "launch/slurm/run.sh", PAYLOAD, "--x", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return next(line for line in r.stdout.splitlines() if line.startswith("SRUN "))
+
+
+def test_run_sh_passes_cpus_per_task_to_srun(tmp_path):
+    """srun 22.05+ does not inherit sbatch's --cpus-per-task: run.sh passes it explicitly."""
+    assert "--kill-on-bad-exit=1 --cpus-per-task=10 python3 -u" in _fake_srun_run_sh(tmp_path, SLURM_CPUS_PER_TASK="10")
+    assert "--cpus-per-task=4 python3" in _fake_srun_run_sh(tmp_path, SLURM_CPUS_PER_TASK="10", SRUN_CPUS_PER_TASK="4")
+    assert "cpus-per-task" not in _fake_srun_run_sh(tmp_path)        # nothing set: srun's own default
+    # SRUN_ARGS come last, so a --cpus-per-task there wins
+    assert _fake_srun_run_sh(tmp_path, SLURM_CPUS_PER_TASK="10", SRUN_ARGS="--cpus-per-task=2").endswith(
+        f"--cpus-per-task=10 --cpus-per-task=2 python3 -u {PAYLOAD} --x 1")
+
+
+def test_every_sbatch_script_asks_for_cpus_per_task():
+    for script in sorted((ROOT / "launch/slurm").glob("*.sbatch")):
+        text = script.read_text()
+        assert re.search(r"^#SBATCH --cpus-per-task=\d+", text, re.M), script.name
+        assert "MASTER_PORT" not in text, script.name   # the port is derived in Python (dist/env.py)
+        # the GPU scripts launch through run.sh (which passes --cpus-per-task on to srun), the
+        # scaling study through its own srun steps (which pass it too)
+        assert "launch/slurm/run.sh" in text or "launch/scaling_study.py" in text, script.name
+
+
 def test_scaling_study_sbatch_runs_a_grid_across_node_counts(slurm, tmp_path, tokenizer_file):
     """launch/slurm/scaling_study.sbatch: one allocation of 2 nodes; the study runs each point
     as an srun step, on 1 node and on 2, and both finish with measurements."""
@@ -280,5 +316,6 @@ def test_scaling_study_sbatch_runs_a_grid_across_node_counts(slurm, tmp_path, to
         assert r["samples_per_sec_per_device"] > 0 and r["measured_steps"] == 1
         cmd_line = (out / "points" / r["id"] / "command.txt").read_text()
         assert cmd_line.startswith(f"srun --nodes={r['nodes']} --ntasks={r['world']}"), cmd_line
+        assert " --cpus-per-task=1 " in cmd_line, cmd_line   # from the allocation's SLURM_CPUS_PER_TASK
         assert f"| {r['world']} rank(s) on cpu |" in (out / "points" / r["id"] / "log.txt").read_text()
     assert (out / "scaling_efficiency.png").exists() and "r1x2" in (out / "report.md").read_text()

@@ -22,10 +22,31 @@ from typing import Mapping, MutableMapping, NoReturn
 # stop (SIGUSR1/SIGTERM): "checkpointed, please requeue". launch/slurm/run.sh requeues on it.
 REQUEUE_EXIT_CODE = 3
 
-# MASTER_PORT under Slurm = BASE + job_id % SPAN: deterministic (every rank computes the same
-# port without talking), and different for concurrent jobs sharing a node.
-SLURM_PORT_BASE = 15000
-SLURM_PORT_SPAN = 20000
+# MASTER_PORT under Slurm (unless MASTER_PORT is set): SLURM_PORTS[job_id % len(SLURM_PORTS)].
+# Deterministic, so every task of a job computes the same port without talking; consecutive job
+# ids get consecutive ports, so jobs sharing a node differ unless their ids differ by a multiple of
+# len(SLURM_PORTS) (~18,800). The ports lie below Linux's ephemeral range (32768-60999 by default,
+# /proc/sys/net/ipv4/ip_local_port_range), from which the kernel hands out the source ports of
+# outgoing connections (NCCL's and Gloo's own sockets among them): a rendezvous port in that range
+# can be taken by one of those before rank 0 binds it. Also below Kubernetes' NodePort range
+# (30000-32767), and minus ports that well-known services and launchers use.
+SLURM_PORT_RANGE = (10000, 30000)         # [lo, hi)
+SLURM_PORT_EXCLUDE = (
+    (10000, 10100),   # webmin/NDMP 10000, Ray client 10001, Zabbix 10050-10051
+    (11211, 11211),   # memcached
+    (11434, 11434),   # Ollama
+    (15672, 15672),   # RabbitMQ management
+    (16992, 16995),   # Intel AMT
+    (17500, 17500),   # Dropbox LAN sync
+    (19999, 20000),   # netdata, DNP3/usermin
+    (24007, 24008),   # GlusterFS
+    (25672, 25672),   # RabbitMQ distribution
+    (27017, 27019),   # MongoDB
+    (28015, 28015),   # RethinkDB
+    (29000, 29999),   # torch.distributed/DeepSpeed default 29500, torchrun c10d 29400, and "+N" variants
+)
+SLURM_PORTS: tuple[int, ...] = tuple(
+    p for p in range(*SLURM_PORT_RANGE) if not any(lo <= p <= hi for lo, hi in SLURM_PORT_EXCLUDE))
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm", "mpi", "single")
 
@@ -172,7 +193,8 @@ def slurm_master_addr(hostlist: str) -> str:
 
 
 def slurm_port(job_id: int) -> int:
-    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+    """The rendezvous port of a Slurm job: a function of the job id alone (see SLURM_PORTS)."""
+    return SLURM_PORTS[int(job_id) % len(SLURM_PORTS)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ OOM_PATTERNS = ("out of memory", "outofmemoryerror", "cuda error: out of memory"
 DONE_STATUSES = ("ok", "oom", "failed", "timeout")
 
 __all__ = ["StudyConfig", "Point", "load_study", "grid_points", "make_tokenizer", "device_peak",
-           "point_command", "study_dir", "run_point", "classify_failure", "error_summary", "summarize_run", "predict", "run_study", "load_results",
+           "point_command", "srun_cpus_per_task", "study_dir", "run_point", "classify_failure", "error_summary", "summarize_run", "predict", "run_study", "load_results",
            "write_outputs", "main"]
 
 
@@ -95,6 +95,10 @@ class StudyConfig:
     extra_sets: list = field(default_factory=list)   # more --set k=v for every point
     ds_config_dir: str = "ds_configs"    # zero{N}.json inside
     keep_checkpoints: bool = False       # the trainer saves one at the end; a study does not need it
+    # srun --cpus-per-task of each point (CPU cores per rank: the rank + its data workers).
+    # 0: SRUN_CPUS_PER_TASK, else the allocation's SLURM_CPUS_PER_TASK (sbatch --cpus-per-task),
+    # which srun 22.05+ does not inherit by itself; neither set: srun's default of 1 core.
+    cpus_per_task: int = 0
 
     def validate(self) -> None:
         for name in ("models", "zero", "act_ckpt", "micro_batch", "precision", "ranks", "nodes"):
@@ -104,6 +108,9 @@ class StudyConfig:
         if self.warmup_steps < 1 or self.measure_steps < 1:
             raise ValueError("warmup_steps and measure_steps must be >= 1 (the first step includes "
                              "start-up and is never measured)")
+        if not isinstance(self.cpus_per_task, int) or self.cpus_per_task < 0:
+            raise ValueError(f"cpus_per_task={self.cpus_per_task!r}: expected an integer >= 0 "
+                             "(0 = take SLURM_CPUS_PER_TASK from the allocation)")
         if self.launcher not in ("auto", "local", "srun"):
             raise ValueError(f"launcher={self.launcher!r}: expected auto, local or srun")
         from beit_scale.models.zoo import list_models
@@ -176,13 +183,15 @@ def device_peak(out_dir: Path) -> dict:
         return json.loads(cache.read_text())
     import torch
     if torch.cuda.is_available():
-        from beit_scale.scaling.peaks import match_gpu
-        name = torch.cuda.get_device_name(0)
-        total = torch.cuda.get_device_properties(0).total_memory
-        spec = match_gpu(name, total)
-        info = {"kind": "cuda", "name": name, "memory_bytes": total,
-                "table": spec.name if spec else None,
-                "peak_tflops": dict(spec.tflops) if spec else {}}
+        from beit_scale.scaling.peaks import identify_gpu
+        props = torch.cuda.get_device_properties(0)
+        m = identify_gpu(props.name, props.total_memory)
+        info = {"kind": "cuda", "name": props.name, "memory_bytes": props.total_memory,
+                "table": m.spec.name if m.spec else None,
+                "peak_tflops": dict(m.spec.tflops) if m.spec else {}, "peak_reason": m.reason}
+        if m.spec is None:  # said once per study (the figure is cached below): no MFU column
+            print(f"scaling study: no datasheet peak, MFU will not be reported: {m.reason}",
+                  file=sys.stderr, flush=True)
     else:
         n = 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -224,6 +233,21 @@ def _launcher(cfg: StudyConfig) -> str:
     return "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "local"
 
 
+def srun_cpus_per_task(cfg: StudyConfig, environ=None) -> Optional[int]:
+    """CPU cores per task for the points' srun steps: the study's cpus_per_task, else
+    SRUN_CPUS_PER_TASK, else the allocation's SLURM_CPUS_PER_TASK; None when nothing says. Passed
+    explicitly because srun 22.05+ does not inherit the allocation's --cpus-per-task, and without it
+    every rank and its data-loader workers would share one core."""
+    environ = os.environ if environ is None else environ
+    if cfg.cpus_per_task:
+        return int(cfg.cpus_per_task)
+    for name in ("SRUN_CPUS_PER_TASK", "SLURM_CPUS_PER_TASK"):
+        v = environ.get(name, "").strip()
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return None
+
+
 def point_command(cfg: StudyConfig, p: Point, run_dir: Path, tokenizer: Path) -> list[str]:
     """The exact command line of one point (also written to its folder as command.txt)."""
     steps = cfg.warmup_steps + cfg.measure_steps
@@ -242,8 +266,9 @@ def point_command(cfg: StudyConfig, p: Point, run_dir: Path, tokenizer: Path) ->
         args += ["--set", s]
     py = [sys.executable, "-u"]
     if _launcher(cfg) == "srun":
+        cpus = srun_cpus_per_task(cfg)
         return ["srun", f"--nodes={p.nodes}", f"--ntasks={p.world}", f"--ntasks-per-node={p.ranks}",
-                "--kill-on-bad-exit=1", *py, *args]
+                *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1", *py, *args]
     if p.world == 1:
         return [*py, *args]
     return [*py, "-m", "torch.distributed.run", f"--nproc_per_node={p.ranks}", "--nnodes=1",
@@ -609,6 +634,8 @@ def _report(out_dir: Path, rows: list[dict], dev: dict, cfg: Optional[StudyConfi
     L.append(f"Device: {dev['name']} ({'measured' if cpu else 'datasheet'} peak: "
              + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in dev.get("peak_tflops", {}).items())
              + (f", table entry {dev['table']}" if dev.get("table") else "") + ").")
+    if not cpu and not dev.get("peak_tflops"):
+        L.append(f"No datasheet peak for this device, so no MFU: {dev.get('peak_reason', 'unknown GPU')}.")
     if cfg is not None:
         L.append(f"Each point: {cfg.warmup_steps} warm-up + {cfg.measure_steps} measured steps of real MIM "
                  f"training (launch/pretrain.py), random dVAE tokenizer (vocab {cfg.tokenizer_vocab}).")

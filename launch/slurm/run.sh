@@ -26,6 +26,7 @@
 #   SRUN_ARGS     extra srun flags, word-split (e.g. "--cpu-bind=cores"); they come after
 #                 ours, so "--kill-on-bad-exit=0" turns that default off
 #   OMP_NUM_THREADS  default 1 per rank, as torchrun does (data loaders use processes)
+#   SRUN_CPUS_PER_TASK  CPU cores per rank for srun (default: the allocation's --cpus-per-task)
 set -uo pipefail
 
 REQUEUE_EXIT_CODE=3
@@ -35,8 +36,13 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# Slurm 22.05-23.02 srun does not inherit --cpus-per-task from the allocation; pass it on.
-if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+# srun 22.05+ does not inherit the allocation's --cpus-per-task (sbatch's SLURM_CPUS_PER_TASK):
+# without it every rank and its data-loader workers share one core. So pass it to srun
+# explicitly; a SRUN_CPUS_PER_TASK you exported wins, and --cpus-per-task in SRUN_ARGS wins
+# over both (it comes later on the command line).
+CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}
+CPU_FLAG=""
+if [ -n "$CPUS_PER_TASK" ]; then CPU_FLAG="--cpus-per-task=$CPUS_PER_TASK"; fi
 
 log() { echo "[run.sh $(date '+%F %T')] $*"; }
 
@@ -58,7 +64,8 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 log "job ${SLURM_JOB_ID} restart ${RESTARTS}/${MAX_RESTARTS}: ${SLURM_NTASKS:-?} tasks on" \
-    "${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}]: $PYTHON -u $*"
+    "${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}]" \
+    "(CPUs per task: ${CPUS_PER_TASK:-not set, srun gives 1}): $PYTHON -u $*"
 
 # Background + wait: bash runs a trap only after the foreground command returns, so a
 # foreground srun would delay the forwarding until training had already ended.
@@ -66,7 +73,7 @@ log "job ${SLURM_JOB_ID} restart ${RESTARTS}/${MAX_RESTARTS}: ${SLURM_NTASKS:-?}
 # waiting in a collective until the timeout. Safe for the status-3 exit because every rank
 # leaves only after the save's final barrier (the checkpoint is complete by then).
 # shellcheck disable=SC2086
-srun --label --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$PYTHON" -u "$@" &
+srun --label --kill-on-bad-exit=1 $CPU_FLAG ${SRUN_ARGS:-} "$PYTHON" -u "$@" &
 SRUN_PID=$!
 
 # `wait` returns early (status > 128) whenever a trapped signal arrives; srun is then still
