@@ -146,3 +146,11 @@ def test_cpu_tensor_high_water_mark():
     assert peak == 6 << 20
     assert probe.final_bytes == 5 << 20
     del b, c
+
+
+def test_srun_points_get_distinct_ports_below_the_ephemeral_range(monkeypatch):
+    from beit_scale.dist.env import SLURM_PORTS
+    from beit_scale.scaling import study
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    ports = [study._srun_master_port() for _ in range(3)]
+    assert len(set(ports)) == 3 and all(p in SLURM_PORTS and p < 32768 for p in ports)

@@ -227,6 +227,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_srun_points = 0
+
+
+def _srun_master_port() -> int:
+    """A rendezvous port for the next srun point: from the job's port range (below the ephemeral
+    ports, see dist/env.py), a different one for each point so a port still in TIME_WAIT from the
+    previous point is never reused, and one that binds on this (the first) node."""
+    global _srun_points
+    from beit_scale.dist.env import SLURM_PORTS, slurm_port
+    job = os.environ.get("SLURM_JOB_ID", "0")
+    start = SLURM_PORTS.index(slurm_port(int(job) if job.isdigit() else 0)) + _srun_points
+    _srun_points += 1
+    for k in range(len(SLURM_PORTS)):
+        port = SLURM_PORTS[(start + k) % len(SLURM_PORTS)]
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    return _free_port()
+
+
 def _launcher(cfg: StudyConfig) -> str:
     if cfg.launcher != "auto":
         return cfg.launcher
@@ -296,7 +319,7 @@ def run_point(cfg: StudyConfig, p: Point, out_dir: Path, tokenizer: Path, dev: d
     if dev["kind"] == "cpu":        # ranks share the cores: no oversubscription
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // p.world))
     if _launcher(cfg) == "srun":
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(_srun_master_port())
     else:   # a local run inside an allocation must not take the batch step's Slurm view of ranks
         for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
                   "SLURM_LOCALID", "SLURM_NODEID"):
