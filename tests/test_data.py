@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from beit_scale.data import datasets as D
 from beit_scale.data import synthetic as S
-from beit_scale.data.transforms import (ClassifyTransform, MIMTransform, TokenizerTransform,
-                                        denormalize)
+from beit_scale.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ClassifyTransform, MIMTransform,
+                                        TokenizerTransform, denormalize, to_float_image)
 
 TINY = dict(num_classes=3, train_per_class=4, val_per_class=2, image_size=64, verbose=False)
 
@@ -169,8 +169,8 @@ def test_mim_sample_shapes_mask_and_determinism(tiny_root):
     after = torch.rand(3)
     assert torch.equal(before, after)  # the caller's RNG is untouched
     img224, img112, mask = a
-    assert img224.shape == (3, 224, 224) and img224.dtype == torch.float32
-    assert img112.shape == (3, 112, 112) and 0 <= img112.min() and img112.max() <= 1
+    assert img224.shape == (3, 224, 224) and img224.dtype == torch.uint8
+    assert img112.shape == (3, 112, 112) and img112.dtype == torch.uint8
     assert mask.shape == (196,) and mask.dtype == torch.bool and int(mask.sum()) == 75
     b = ds[(3, 11)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -178,8 +178,8 @@ def test_mim_sample_shapes_mask_and_determinism(tiny_root):
     assert not torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])
     assert torch.equal(ds[3][0], ds[(3, 3)][0])  # plain index -> seed = index
     # Both views come from the same crop/flip/jitter: the 224 view, pooled to 112, matches.
-    pooled = F.avg_pool2d(denormalize(img224)[None], 2)[0].clamp(0, 1)
-    assert (pooled - img112).abs().mean() < 0.03
+    pooled = F.avg_pool2d(denormalize(to_float_image(img224, normalize=True))[None], 2)[0].clamp(0, 1)
+    assert (pooled - to_float_image(img112, normalize=False)).abs().mean() < 0.03
 
 
 def test_dataloader_workers_do_not_change_samples(tiny_root):
@@ -197,12 +197,142 @@ def test_dataloader_workers_do_not_change_samples(tiny_root):
 def test_tokenizer_and_classify_datasets(tiny_root):
     tok = D.TokenizerDataset(tiny_root / "train", TokenizerTransform(112))
     (x,) = tok[(0, 1)]
-    assert x.shape == (3, 112, 112) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (3, 112, 112) and x.dtype == torch.uint8
     assert torch.equal(x, tok[(0, 1)][0])
     cls = D.ClassifyDataset(tiny_root / "val", ClassifyTransform(train=False, size=96))
     img, label = cls[len(cls) - 1]
-    assert img.shape == (3, 96, 96) and label == 2 and cls.num_classes == 3
+    assert img.shape == (3, 96, 96) and img.dtype == torch.uint8 and label == 2 and cls.num_classes == 3
     train = D.build_dataset("classify", tiny_root, "train", input_size=96)
     assert train[(0, 1)][0].shape == (3, 96, 96)
     with pytest.raises(TypeError, match="key"):
         cls["a"]
+
+
+# ----------------------------------------------------------------------------- uint8 transport
+
+
+def _old_float(x_uint8, normalize):
+    """What the pipeline shipped before (torchvision to_tensor, then Normalize), from the uint8 output."""
+    from torchvision.transforms import functional as TF
+    x = x_uint8.to(torch.float32).div(255)  # to_tensor on a uint8 image
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD) if normalize else x
+
+
+def test_transforms_ship_uint8_and_device_conversion_matches_the_old_float_pipeline(tiny_root):
+    """Every transform returns uint8 CHW; the tasks' conversion on the device (device_images:
+    scale, normalise in fp32, then cast) gives exactly the old float pipeline's numbers."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    from beit_scale.train.tasks import device_images
+    pil = Image.open(sorted((tiny_root / "train").rglob("*.jpg"))[0]).convert("RGB")
+    with D.seeded(7):
+        big, small = MIMTransform(input_size=64, second_input_size=32)(pil)
+    with D.seeded(7):
+        tok = TokenizerTransform(48)(pil)
+    with D.seeded(7):
+        cls = ClassifyTransform(train=True, size=40, rand_augment="rand-m9-mstd0.5-inc1")(pil)
+    with D.seeded(7):
+        ev = ClassifyTransform(train=False, size=40)(pil)
+    cpu = torch.device("cpu")
+    for x, normalize in ((big, True), (small, False), (tok, False), (cls, True), (ev, True)):
+        assert x.dtype == torch.uint8 and x.ndim == 3 and x.shape[0] == 3
+        old = _old_float(x, normalize)
+        new = device_images(x[None], cpu, torch.float32, normalize)[0]
+        assert new.dtype == torch.float32 and torch.equal(new, old)
+        half = device_images(x[None], cpu, torch.bfloat16, normalize)[0]
+        assert half.dtype == torch.bfloat16 and torch.equal(half, old.to(torch.bfloat16))
+    # The uint8 pixels are the ones the old to_tensor saw (PIL -> tensor, no resampling in between).
+    assert torch.equal(TF.to_tensor(pil), _old_float(TF.pil_to_tensor(pil), False))
+    # every uint8 level maps to exactly the old value
+    levels = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)
+    assert torch.equal(to_float_image(levels, normalize=True), _old_float(levels, True))
+    assert torch.equal(to_float_image(levels, normalize=False), _old_float(levels, False))
+
+
+def test_tasks_convert_on_the_device_before_the_model(tiny_root):
+    """ClassifyTask and MIMTask hand the model (and the tokenizer) the old float inputs."""
+    from beit_scale.config import ExperimentCfg
+    from beit_scale.train.finetune import ClassifyTask
+    from beit_scale.train.tasks import MIMTask
+
+    seen = {}
+
+    class Engine(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.module = torch.nn.Linear(1, 1)  # fp32 "model": _model_dtype reads its parameters
+            self.out = out
+
+        def forward(self, x, *rest):
+            seen["model"] = x
+            return self.out(x, *rest)
+
+    cls_ds = D.ClassifyDataset(tiny_root / "train", ClassifyTransform(train=True, size=32))
+    batch = torch.utils.data.default_collate([cls_ds[(i, i)] for i in range(4)])
+    task = ClassifyTask(ExperimentCfg(stage="classify"))
+    task.prepare(torch.device("cpu"))
+    task.step(Engine(lambda x: torch.zeros(len(x), 10, requires_grad=True)), batch, 0)
+    assert torch.equal(seen["model"], _old_float(batch[0], True))
+
+    mim_ds = D.MIMDataset(tiny_root / "train", MIMTransform(input_size=32, second_input_size=16), _masker())
+    batch = torch.utils.data.default_collate([mim_ds[(i, i)] for i in range(3)])
+
+    class Tok(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def get_codebook_indices(self, x):
+            seen["tokenizer"] = x
+            return torch.arange(196).repeat(len(x), 1).view(len(x), 14, 14)
+
+    mim = MIMTask(ExperimentCfg(stage="mim"))
+    mim.tokenizer = Tok()
+    logits, labels = mim._targets_and_logits(Engine(lambda x, m: torch.zeros(int(m.sum()), 196)), batch)
+    assert torch.equal(seen["model"], _old_float(batch[0], True))
+    assert torch.equal(seen["tokenizer"], _old_float(batch[1], False))
+    ids = torch.arange(196).repeat(3, 1)
+    assert torch.equal(labels, ids[batch[2]])  # the fixed-size gather lists the boolean path's targets
+
+
+def test_shared_memory_per_batch_is_a_quarter(tiny_root):
+    """A MIM batch as shipped by a worker: uint8 images + bool mask, ~4x fewer bytes than float32."""
+    ds = D.MIMDataset(tiny_root / "train", MIMTransform(), _masker())
+    img224, img112, mask = next(iter(DataLoader(ds, batch_size=4, sampler=[(i, i) for i in range(4)],
+                                                num_workers=1)))
+    assert img224.dtype == img112.dtype == torch.uint8 and mask.dtype == torch.bool
+    shipped = sum(t.numel() * t.element_size() for t in (img224, img112, mask))
+    before = (img224.numel() + img112.numel()) * 4 + mask.numel()
+    assert shipped == 4 * (3 * 224 * 224 + 3 * 112 * 112 + 196)
+    assert before / shipped > 3.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_conversion_and_mim_targets_exact_and_without_host_sync():
+    """On a GPU: the device conversion equals the CPU (old pipeline) numbers bit for bit, and the
+    conversion + fixed-size target gather run with no device->host synchronisation."""
+    from beit_scale.train.tasks import device_images, masked_positions, uniform_mask_count
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=g).pin_memory()
+    gen = _masker()
+    rng = np.random.default_rng(0)
+    mask_cpu = torch.from_numpy(np.stack([gen(rng).reshape(-1) for _ in range(8)])).pin_memory()
+    ids = torch.randint(0, 8192, (8, 196), device="cuda")
+    dev = torch.device("cuda")
+    device_images(x, dev, torch.float32, True)  # first call builds the lookup table (one copy)
+    device_images(x, dev, torch.float32, False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        k = uniform_mask_count(mask_cpu)
+        mask = mask_cpu.to(dev, non_blocking=True)
+        norm = device_images(x, dev, torch.float32, True)
+        half = device_images(x, dev, torch.bfloat16, True)
+        unit = device_images(x, dev, torch.float32, False)
+        labels = ids.gather(1, masked_positions(mask, k)).reshape(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(norm.cpu(), _old_float(x, True))
+    assert torch.equal(half.cpu(), _old_float(x, True).to(torch.bfloat16))
+    assert torch.equal(unit.cpu(), _old_float(x, False))
+    assert torch.equal(labels, ids[mask])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from beit_scale.data import TokenizerDataset, TokenizerTransform, ensure_synthetic_imagefolder
+from beit_scale.data import TokenizerDataset, TokenizerTransform, ensure_synthetic_imagefolder, to_float_image
 from beit_scale.models.dvae import (DVAE, DVAEConfig, codebook_usage, dvae_loss, kl_weight_at,
                                     load_tokenizer, read_tokenizer_config, save_tokenizer,
                                     temperature_at)
@@ -103,7 +103,8 @@ def test_training_halves_reconstruction_loss(tmp_path):
     root = ensure_synthetic_imagefolder(tmp_path / "syn", num_classes=10, train_per_class=4,
                                         val_per_class=1, image_size=128, verbose=False)
     ds = TokenizerDataset(root / "train", TokenizerTransform(112))
-    pool = torch.stack([ds[(i, i)][0] for i in range(32)])
+    # the dataset ships uint8; the tokenizer task converts to [0,1] floats on the device the same way
+    pool = to_float_image(torch.stack([ds[(i, i)][0] for i in range(32)]), normalize=False)
     m = DVAE(DVAEConfig(vocab_size=512, hidden_dim=16, codebook_dim=16))
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     steps, hist = 80, []

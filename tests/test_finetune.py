@@ -262,9 +262,10 @@ def test_eval_same_on_one_and_two_ranks(runs):
     model = build_model("beit_debug", task="classify", num_classes=3).eval()
     load_init_weights(model, tmp / "ft_b" / "best" / "model.safetensors")
     ds = ClassifyDataset(SafeImageFolder(tmp / "data_b" / "val"), ClassifyTransform(train=False, size=224))
+    from beit_scale.data.transforms import to_float_image
     xs, ys = zip(*[ds[i] for i in range(len(ds))])
-    with torch.no_grad():
-        logits = model(torch.stack(xs))
+    with torch.no_grad():  # the dataset ships uint8: normalise as the task does on the device
+        logits = model(to_float_image(torch.stack(xs), normalize=True))
     y = torch.tensor(ys)
     assert len(ds) == 15
     assert one["val_top1"] == pytest.approx((logits.argmax(-1) == y).sum().item() / 15, abs=1e-12)

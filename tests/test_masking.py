@@ -111,3 +111,31 @@ def test_errors():
         MaskingGenerator((14, 14), num_masking_patches=-1)
     with pytest.raises(ValueError):
         MaskingGenerator((14, 14), min_aspect=0.0)
+
+
+# ----------------------------------------------------------------------------- fixed-size gather
+
+
+def test_fixed_size_gather_lists_the_boolean_index_targets_in_order():
+    """MIM targets from `masked_positions` + gather (size known, no host sync) are exactly
+    `ids[mask]`: the same positions in the same row-major order, for real blockwise masks."""
+    import torch
+
+    from beit_scale.train.tasks import masked_positions, uniform_mask_count
+    for grid, count in (((14, 14), 75), ((16, 16), 98), ((8, 8), 25), ((14, 14), 0), ((14, 14), 196)):
+        gen = MaskingGenerator(grid, num_masking_patches=count, min_num_patches=min(16, max(count, 1)))
+        rng = np.random.default_rng(count)
+        mask = torch.from_numpy(np.stack([gen(rng).reshape(-1) for _ in range(16)]))
+        assert uniform_mask_count(mask) == count
+        pos = masked_positions(mask, count)
+        assert pos.shape == (16, count)
+        assert torch.equal(pos.reshape(-1), mask.nonzero()[:, 1])  # row-major, ascending per row
+        ids = torch.randint(0, 8192, mask.shape)
+        assert torch.equal(ids.gather(1, pos).reshape(-1), ids[mask])
+        feats = torch.randn(*mask.shape, 5)  # what the model's head sees: rows of [B, N, D]
+        got = feats.gather(1, pos[..., None].expand(-1, -1, 5)).reshape(-1, 5)
+        assert torch.equal(got, feats[mask])
+    uneven = torch.zeros(2, 9, dtype=torch.bool)
+    uneven[0, :3] = True
+    uneven[1, :2] = True
+    assert uniform_mask_count(uneven) is None  # the task falls back to boolean indexing

@@ -3,10 +3,11 @@ from .datasets import (ClassifyDataset, MIMDataset, SafeImageFolder, TokenizerDa
                        bad_file_report, bad_file_summary, build_dataset, parse_key,
                        resolve_data_root, seeded)
 from .synthetic import ensure_synthetic_imagefolder
-from .transforms import ClassifyTransform, MIMTransform, TokenizerTransform
+from .transforms import ClassifyTransform, MIMTransform, TokenizerTransform, to_float_image
 
 __all__ = [
     "ClassifyDataset", "MIMDataset", "SafeImageFolder", "TokenizerDataset", "bad_file_report",
     "bad_file_summary", "build_dataset", "parse_key", "resolve_data_root", "seeded",
     "ensure_synthetic_imagefolder", "ClassifyTransform", "MIMTransform", "TokenizerTransform",
+    "to_float_image",
 ]

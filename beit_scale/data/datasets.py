@@ -182,7 +182,9 @@ class _KeyedDataset(Dataset):
 
 
 class MIMDataset(_KeyedDataset):
-    """key -> ``(img_224 normalised [3,224,224], img_112 in [0,1] [3,112,112], mask bool[196])``.
+    """key -> ``(img_224 uint8 [3,224,224], img_112 uint8 [3,112,112], mask bool[196])``.
+
+    Images travel as uint8 (see transforms.py); ``to_float_image`` converts them on the device.
 
     ``masker(rng) -> np.ndarray[bool] (14, 14)`` (``beit_scale.data.masking.MaskingGenerator``).
     """
@@ -201,7 +203,7 @@ class MIMDataset(_KeyedDataset):
 
 
 class TokenizerDataset(_KeyedDataset):
-    """key -> ``(img_112 in [0,1],)`` for training the dVAE."""
+    """key -> ``(img_112 uint8,)`` for training the dVAE (``to_float_image(x, False)``: [0,1])."""
 
     def __getitem__(self, key):
         index, seed = parse_key(key)
@@ -211,7 +213,9 @@ class TokenizerDataset(_KeyedDataset):
 
 
 class ClassifyDataset(_KeyedDataset):
-    """key -> ``(img normalised, label)``; a bad file's substitute brings its own label."""
+    """key -> ``(img uint8, label)``; a bad file's substitute brings its own label.
+
+    The classifier sees ``to_float_image(img, normalize=True)`` (ImageNet normalisation)."""
 
     @property
     def num_classes(self) -> int:
@@ -238,15 +242,17 @@ def resolve_data_root(path: str | os.PathLike | None) -> Path:
 
 def build_dataset(stage: str, root: str | os.PathLike | None, split: str = "train", *,
                   masker=None, input_size: int = 224, second_input_size: int = 112,
-                  **transform_kwargs) -> Dataset:
+                  patch_size: int = 16, **transform_kwargs) -> Dataset:
     """One-call construction: ``stage`` in {"tokenizer", "mim", "classify"};
-    ``root/split`` must be an ImageFolder; extra kwargs go to the stage's transform."""
+    ``root/split`` must be an ImageFolder; extra kwargs go to the stage's transform.
+    ``patch_size`` (the model's) sets the mask grid, ``input_size // patch_size``, when no
+    ``masker`` is given."""
     from .transforms import ClassifyTransform, MIMTransform, TokenizerTransform
     folder = SafeImageFolder(resolve_data_root(root) / split)
     if stage == "mim":
         if masker is None:
             from .masking import MaskingGenerator
-            grid = input_size // 16
+            grid = input_size // patch_size
             # BEiT masks 75 of 196 patches (~40%); keep that fraction for other grids.
             masker = MaskingGenerator(input_size=(grid, grid),
                                       num_masking_patches=max(1, round(grid * grid * 75 / 196)))

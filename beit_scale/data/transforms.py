@@ -5,10 +5,17 @@ datasets seed from each sample's key right before calling a transform (see datas
 so a transform never needs a generator argument and every sample is reproducible.
 
 MIM (BEiT): one random-resized crop, one flip and one colour jitter are drawn per sample and
-applied to *both* views: a 224 view (bicubic, ImageNet-normalised) that the ViT sees as 14x14
-patches of 16 px, and a 112 view (lanczos, [0,1]) that the frozen dVAE turns into the 14x14
-grid of target tokens. The two views must cover the same pixels, or the targets would not
-line up with the patches.
+applied to *both* views: a 224 view (bicubic) that the ViT sees as 14x14 patches of 16 px, and
+a 112 view (lanczos) that the frozen dVAE turns into the 14x14 grid of target tokens. The two
+views must cover the same pixels, or the targets would not line up with the patches.
+
+Transport format: every transform returns **uint8 CHW** tensors (the pixels as decoded and
+resampled, 0..255), not float. DataLoader workers hand batches to the training process through
+shared memory, and float32 costs 4x the bytes (at 10 workers x prefetch 4 that was ~4 GB per
+rank). The tasks convert on the device with `to_float_image` (scale to [0,1], ImageNet
+normalisation for the backbone views), which reproduces the old float pipeline
+(`to_tensor` + `Normalize` on the CPU) bit for bit: it is a 256-entry lookup table computed with
+exactly those CPU ops, then indexed on the device.
 """
 from __future__ import annotations
 
@@ -26,12 +33,60 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def _normalize(t: torch.Tensor) -> torch.Tensor:
-    return F.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+def _to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 [3,H,W] (a copy: the tensor must own its memory for shared-memory transport)."""
+    return F.pil_to_tensor(img)
+
+
+_LUTS: dict = {}
+
+
+def _lut(normalize: bool, device: torch.device) -> torch.Tensor:
+    """[3, 256] float32: the value the old float pipeline gave each uint8 level, per channel.
+
+    Computed on the CPU with the ops torchvision's ``to_tensor`` (``.float().div(255)``) and
+    ``Normalize`` (``.sub_(mean).div_(std)`` with [3,1,1] float32 tensors) use, so indexing it
+    reproduces those numbers exactly on any device (a CUDA ``x / 255`` would instead multiply
+    by the reciprocal and differ in the last bit)."""
+    key = (bool(normalize), str(device))
+    lut = _LUTS.get(key)
+    if lut is None:
+        levels = torch.arange(256, dtype=torch.uint8).view(1, 256, 1).expand(3, 256, 1)
+        lut = levels.to(dtype=torch.float32).div(255)
+        if normalize:
+            mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
+            std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
+            lut = lut.sub_(mean).div_(std)
+        lut = lut.view(3, 256).contiguous().to(device)
+        _LUTS[key] = lut
+    return lut
+
+
+def to_float_image(x: torch.Tensor, normalize: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] (on any device) -> float32 in [0,1], or ImageNet-normalised
+    when ``normalize``; then cast to ``dtype`` (the model's) if given.
+
+    The float32 values equal ``Normalize(IMAGENET)(to_tensor(pil))`` (or ``to_tensor(pil)``) of
+    the old pipeline exactly. No host synchronisation: a table lookup on ``x``'s device.
+    Float input is passed through (only cast), so callers that already hold floats still work.
+    """
+    if x.is_floating_point():
+        return x if dtype is None else x.to(dtype)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_float_image expects uint8 images, got {x.dtype}")
+    if x.shape[-3] != 3:
+        raise ValueError(f"to_float_image expects [..., 3, H, W] images, got shape {tuple(x.shape)}")
+    lut = _lut(normalize, x.device)
+    chan = torch.arange(3, device=x.device).view(3, 1, 1)
+    out = lut[chan, x.to(torch.int64)]
+    return out if dtype is None or dtype == torch.float32 else out.to(dtype)
 
 
 class MIMTransform:
-    """PIL RGB image -> (img_224 normalised float32 [3,S,S], img_112 float32 [0,1] [3,s,s])."""
+    """PIL RGB image -> (img_224 uint8 [3,S,S], img_112 uint8 [3,s,s]), same crop/flip/jitter.
+
+    On the device: ``to_float_image(img_224, normalize=True)`` for the backbone (ImageNet
+    normalisation) and ``to_float_image(img_112, normalize=False)`` ([0,1]) for the tokenizer."""
 
     def __init__(self, input_size: int = 224, second_input_size: int = 112,
                  scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5,
@@ -61,7 +116,7 @@ class MIMTransform:
                 self.jitter.brightness, self.jitter.contrast, self.jitter.saturation,
                 self.jitter.hue)
             big, small = (_apply_jitter(v, order, b, c, s, hue) for v in (big, small))
-        return _normalize(F.to_tensor(big)), F.to_tensor(small)
+        return _to_uint8(big), _to_uint8(small)
 
     def __repr__(self) -> str:
         return (f"MIMTransform(input_size={self.input_size}, second_input_size="
@@ -83,7 +138,9 @@ def _apply_jitter(img, order, b, c, s, h):
 
 
 class TokenizerTransform:
-    """PIL -> float32 [3,size,size] in [0,1]: random-resized crop (mild scales) + flip.
+    """PIL -> uint8 [3,size,size]: random-resized crop (mild scales) + flip.
+
+    The dVAE sees ``to_float_image(x, normalize=False)``, i.e. [0,1].
 
     The dVAE must reconstruct what MIM later tokenises (112 views of crops with scale down to
     0.08), but very small crops of 160 px images are mostly blur; (0.35, 1) keeps detail.
@@ -96,7 +153,7 @@ class TokenizerTransform:
             T.RandomResizedCrop(size, scale=tuple(scale), ratio=_RATIO,
                                 interpolation=InterpolationMode.LANCZOS),
             T.RandomHorizontalFlip(hflip),
-            T.ToTensor(),
+            T.PILToTensor(),
         ])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -107,7 +164,7 @@ class TokenizerTransform:
 
 
 class ClassifyTransform:
-    """PIL -> normalised float32 [3,size,size].
+    """PIL -> uint8 [3,size,size]; the classifier sees ``to_float_image(x, normalize=True)``.
 
     train: random-resized crop (bicubic) + flip (+ timm RandAugment when ``rand_augment`` is
     a timm config string such as ``"rand-m9-mstd0.5-inc1"``; off by default).
@@ -131,7 +188,7 @@ class ClassifyTransform:
             ops = [T.Resize(int(math.floor(size / crop_pct)),
                             interpolation=InterpolationMode.BICUBIC),
                    T.CenterCrop(size)]
-        self.t = T.Compose(ops + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.t = T.Compose(ops + [T.PILToTensor()])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.t(img)
@@ -148,4 +205,4 @@ def denormalize(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["MIMTransform", "TokenizerTransform", "ClassifyTransform", "IMAGENET_MEAN",
-           "IMAGENET_STD", "denormalize"]
+           "IMAGENET_STD", "denormalize", "to_float_image"]

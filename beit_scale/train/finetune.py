@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_scale.config import ConfigError, ExperimentCfg
-from beit_scale.train.tasks import Task, _model_dtype, count_flops
+from beit_scale.train.tasks import Task, _model_dtype, count_flops, device_images
 
 REPO = Path(__file__).resolve().parents[2]
 SCRATCH = ("scratch", "none", "")
@@ -409,7 +409,9 @@ class ClassifyTask(Task):
             self._attach_ema(engine)
         self.last_step = step + 1
         img, target = batch
-        img = img.to(self.device, non_blocking=True)
+        # uint8 from the loader -> normalised float32 on the device; mixup/cutmix mix those
+        # float32 images (as before), the cast to the model's dtype comes after.
+        img = device_images(img, self.device, torch.float32, normalize=True)
         target = target.to(self.device, non_blocking=True)
         metrics = {}
         if self.mixup is not None:
@@ -432,7 +434,7 @@ class ClassifyTask(Task):
 
     def eval_batch(self, engine, batch, n_valid):
         img, target = batch
-        img = img[:n_valid].to(self.device, _model_dtype(engine.module))
+        img = device_images(img[:n_valid], self.device, _model_dtype(engine.module), normalize=True)
         target = target[:n_valid].to(self.device)
         self._engine = engine
         if self.cfg.finetune.ema and self.ema is None:  # a resumed run that evaluates before any step

@@ -6,6 +6,8 @@ A task provides:
   prepare(device)            per-process extras (the frozen tokenizer for MIM)
   train_dataset() / eval_dataset()
   step(engine, batch, step) -> (loss, {metric: detached scalar tensor})
+  log_images(writer, engine, batch, step)  called on EVERY rank at the same steps; writer is None
+                             except on rank 0 (a forward under ZeRO-3 is a collective)
   eval_batch(engine, batch, n_valid) -> {name: sum tensor}   (summed over the valid rows)
   finish_eval(sums) -> {metric: float}
   flops_per_sample()         forward+backward FLOPs of one training sample (for TFLOP/s)
@@ -43,6 +45,45 @@ def _model_dtype(module: torch.nn.Module) -> torch.dtype:
     for p in module.parameters():
         return p.dtype
     return torch.float32
+
+
+def device_images(x: torch.Tensor, device: torch.device, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
+    """A uint8 image batch from the loader -> float on `device` in `dtype`.
+
+    The loader ships uint8 (a quarter of float32's shared memory); scaling to [0,1] and the
+    ImageNet normalisation (`normalize`, the backbone views) happen here, in fp32 on the device,
+    with exactly the old CPU pipeline's numbers, then the cast to the model's dtype."""
+    from beit_scale.data.transforms import to_float_image
+    return to_float_image(x.to(device, non_blocking=True), normalize, dtype)
+
+
+def uniform_mask_count(mask: torch.Tensor) -> int | None:
+    """K if every row of a CPU mask batch [B, ...] has exactly K masked positions, else None.
+
+    Read on the CPU copy the loader delivers, so knowing K costs no device->host sync (boolean
+    indexing on the device has to sync to learn its output size)."""
+    if mask.device.type != "cpu" or mask.shape[0] == 0:
+        return None
+    counts = mask.reshape(mask.shape[0], -1).sum(1)
+    return int(counts[0]) if bool((counts == counts[0]).all()) else None
+
+
+def masked_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N] bool with exactly k True per row -> [B, k] long: the masked positions of each row,
+    ascending, so `x.gather(1, pos)` lists the same elements in the same (row-major) order as
+    `x[mask]`, with a size known in advance (no host sync)."""
+    n = mask.shape[1]
+    ar = torch.arange(n, device=mask.device)
+    key = torch.where(mask, ar, ar + n)  # masked first, each group in position order; keys unique
+    return key.sort(dim=1).values[:, :k]
+
+
+def _forward_takes(module: torch.nn.Module, name: str) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def count_flops(fn) -> float | None:
@@ -94,7 +135,10 @@ class Task:
         return None
 
     def log_images(self, writer, engine, batch, step: int) -> None:
-        pass
+        """Called on every rank at the same steps; `writer` is None except on rank 0.
+
+        Anything collective (an engine forward: ZeRO-3 all-gathers partitioned weights in it)
+        must run on every rank; only the drawing/writing is rank 0's."""
 
     def summary(self, metrics: dict) -> list[str]:
         return [f"{k}: {v:.4f}" for k, v in metrics.items()]
@@ -115,6 +159,13 @@ class TokenizerTask(Task):
     def build_model(self):
         from beit_scale.models.dvae import DVAE
         return DVAE(self.dvae_config())
+
+    def preflight(self):
+        super().preflight()
+        try:
+            self.dvae_config()
+        except ValueError as e:  # e.g. data.second_input_size not divisible by the downsampling
+            raise ConfigError(f"tokenizer (data.second_input_size={self.cfg.data.second_input_size}): {e}") from None
 
     def _schedules(self, step: int) -> tuple[float, float]:
         from beit_scale.models.dvae import kl_weight_at, temperature_at
@@ -138,7 +189,7 @@ class TokenizerTask(Task):
     def step(self, engine, batch, step):
         from beit_scale.models.dvae import dvae_loss
         (img,) = batch
-        img = img.to(self.device, _model_dtype(engine.module), non_blocking=True)
+        img = device_images(img, self.device, _model_dtype(engine.module), normalize=False)
         temp, klw = self._schedules(step)
         recon, logits = engine(img, temperature=temp)
         loss, parts = dvae_loss(recon.float(), img.float(), logits.float(), kl_weight=klw)
@@ -146,15 +197,17 @@ class TokenizerTask(Task):
         used = torch.zeros(self.cfg.tokenizer.vocab_size, device=ids.device)
         used.scatter_add_(0, ids.flatten(), torch.ones(ids.numel(), device=ids.device))
         probs = used / used.sum()
-        perplexity = torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+        # entr(p) = -p log p, 0 at p = 0: no boolean indexing, which would sync with the host.
+        perplexity = torch.exp(torch.special.entr(probs).sum())
         metrics = {"recon": parts["recon"].detach(), "kl": parts["kl"].detach(),
-                   "temperature": torch.tensor(temp), "kl_weight": torch.tensor(klw),
+                   "temperature": torch.full((), temp, device=ids.device),
+                   "kl_weight": torch.full((), klw, device=ids.device),
                    "perplexity": perplexity.detach(), "codes_used": (used > 0).sum().float()}
         return loss, metrics
 
     def eval_batch(self, engine, batch, n_valid):
         (img,) = batch
-        img = img[:n_valid].to(self.device, _model_dtype(engine.module))
+        img = device_images(img[:n_valid], self.device, _model_dtype(engine.module), normalize=False)
         temp, _ = self._schedules(self.cfg.train.max_steps)
         recon, logits = engine(img, temperature=temp)
         err = F.mse_loss(recon.float(), img.float(), reduction="none").flatten(1).mean(1)
@@ -180,11 +233,15 @@ class TokenizerTask(Task):
         return None if fwd is None else 3 * fwd
 
     def log_images(self, writer, engine, batch, step):
-        import torchvision
         (img,) = batch
-        img = img[:8].to(self.device, _model_dtype(engine.module))
+        img = device_images(img[:8], self.device, _model_dtype(engine.module), normalize=False)
+        # Every rank runs this forward (ZeRO-3 gathers partitioned weights inside it: rank 0
+        # alone would wait forever); only rank 0 (the one with a writer) draws.
         with torch.no_grad():
             recon, _ = engine(img, temperature=self._schedules(step)[0])
+        if writer is None:
+            return
+        import torchvision
         grid = torchvision.utils.make_grid(torch.cat([img.float(), recon.float().clamp(0, 1)]).cpu(),
                                            nrow=len(img))
         writer.add_image("tokenizer/input_vs_reconstruction", grid, step)
@@ -209,7 +266,7 @@ def read_tokenizer_meta(path: str | Path) -> dict:
         c = read_tokenizer_config(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    return {"vocab_size": c.vocab_size, "image_size": c.image_size}
+    return {"vocab_size": c.vocab_size, "image_size": c.image_size, "downsample": c.downsample}
 
 
 class MIMTask(Task):
@@ -221,6 +278,7 @@ class MIMTask(Task):
         self.tokenizer_path = Path(tokenizer_path or cfg.tokenizer.checkpoint) if \
             (tokenizer_path or cfg.tokenizer.checkpoint) else None
         self.tokenizer = None
+        self._takes_index = None  # does the model's forward accept `masked_index` (B, K)?
 
     def model_kwargs(self) -> dict:
         m = self.cfg.model
@@ -237,19 +295,48 @@ class MIMTask(Task):
         from beit_scale.models.zoo import build_model
         return build_model(self.cfg.model.name, task="mim", **self.model_kwargs())
 
-    def preflight(self):
-        super().preflight()
+    def model_config(self):
+        """The zoo config this run builds (patch size, grid): needs no weights and no files."""
         from beit_scale.models.zoo import get_config
         try:
-            mcfg = get_config(self.cfg.model.name, **self.model_kwargs())
+            return get_config(self.cfg.model.name, **self.model_kwargs())
         except (KeyError, ValueError) as e:
             raise ConfigError(f"model.name={self.cfg.model.name}: {e}") from None
-        grid = (self.cfg.data.input_size // mcfg.patch_size) ** 2
-        if self.cfg.data.num_mask_patches > grid:
-            raise ConfigError(f"data.num_mask_patches={self.cfg.data.num_mask_patches} is larger than the "
-                              f"{grid} patches of a {self.cfg.data.input_size}px image; use at most {grid}")
-        if self.tokenizer_path is not None:
-            meta = read_tokenizer_meta(self.tokenizer_path)
+
+    def check_geometry(self, tokenizer_downsample: int | None = None) -> None:
+        """Image size, patch grid, mask count and tokenizer grid agree (ConfigError if not).
+
+        Needs no files, so a launcher can call it before training a tokenizer.  The targets are
+        one token per patch: the tokenizer's grid (data.second_input_size / its downsampling,
+        8 for our dVAE and DALL-E's) must equal the patch grid (data.input_size / patch size)."""
+        from beit_scale.models.dvae import DVAEConfig
+        d, name = self.cfg.data, self.cfg.model.name
+        mcfg = self.model_config()
+        if d.input_size != mcfg.img_size:
+            raise ConfigError(f"model.img_size={mcfg.img_size} but data.input_size={d.input_size}; the MIM "
+                              f"mask grid follows the model's patch grid, so set both (e.g. --set "
+                              f"model.img_size={d.input_size} --set data.input_size={d.input_size})")
+        g, p = mcfg.grid_size[0], mcfg.patch_size
+        n = g * g
+        if d.num_mask_patches < 0:
+            raise ConfigError(f"data.num_mask_patches={d.num_mask_patches}: must be >= 0")
+        if d.num_mask_patches > n:
+            raise ConfigError(f"data.num_mask_patches={d.num_mask_patches} is larger than the {g}x{g} = {n} "
+                              f"patch grid of {name} ({d.input_size}px / patch {p}); use at most {n}")
+        down = int(tokenizer_downsample or DVAEConfig().downsample)
+        s = d.second_input_size
+        if s % down or s // down != g:
+            raise ConfigError(
+                f"data.second_input_size={s}: the tokenizer downsamples by {down}, giving "
+                f"{s / down:g}x{s / down:g} target tokens, but {name} sees {g}x{g} patches "
+                f"({d.input_size}px / patch {p}); MIM needs one target per patch, so set "
+                f"data.second_input_size={g * down} (= {g} x {down})")
+
+    def preflight(self):
+        super().preflight()
+        meta = read_tokenizer_meta(self.tokenizer_path) if self.tokenizer_path is not None else None
+        self.check_geometry(meta["downsample"] if meta else None)
+        if meta is not None:
             if int(meta["vocab_size"]) != self.cfg.tokenizer.vocab_size:
                 raise ConfigError(
                     f"tokenizer {self.tokenizer_path} has a vocabulary of {meta['vocab_size']} tokens but the MIM "
@@ -279,8 +366,8 @@ class MIMTask(Task):
         from beit_scale.data.masking import MaskingGenerator
         from beit_scale.data.transforms import MIMTransform
         d = self.cfg.data
-        grid = d.input_size // 16
-        masker = MaskingGenerator(input_size=(grid, grid), num_masking_patches=d.num_mask_patches,
+        grid = self.model_config().grid_size  # the model's patch grid (patch 16, 14, ...)
+        masker = MaskingGenerator(input_size=grid, num_masking_patches=d.num_mask_patches,
                                   min_num_patches=d.min_mask_patches)
         tf = MIMTransform(input_size=d.input_size, second_input_size=d.second_input_size,
                           scale=(d.crop_min_scale, 1.0), color_jitter=d.color_jitter)
@@ -294,12 +381,26 @@ class MIMTask(Task):
 
     def _targets_and_logits(self, engine, batch):
         img, img_tok, mask = batch
+        # The blockwise masker returns exactly num_mask_patches per image: with a count known on
+        # the CPU, the targets are a fixed-size gather instead of `ids[mask]`, whose output size
+        # the host must read back from the device (a sync every step).
+        k = uniform_mask_count(mask)
         mask = mask.to(self.device, non_blocking=True).flatten(1).bool()
         with torch.no_grad():
-            tok_in = img_tok.to(self.device, next(self.tokenizer.parameters()).dtype, non_blocking=True)
+            tok_in = device_images(img_tok, self.device, next(self.tokenizer.parameters()).dtype, normalize=False)
             ids = self.tokenizer.get_codebook_indices(tok_in).flatten(1)
-        labels = ids[mask]
-        logits = engine(img.to(self.device, _model_dtype(engine.module), non_blocking=True), mask)
+        extra = {}
+        if k is not None:
+            pos = masked_positions(mask, k)
+            labels = ids.gather(1, pos).reshape(-1)  # == ids[mask]: same positions, same order
+            if self._takes_index is None:
+                self._takes_index = _forward_takes(engine.module, "masked_index")
+            if self._takes_index:
+                extra["masked_index"] = pos  # lets the model gather its masked rows without a sync
+        else:
+            labels = ids[mask]
+        x = device_images(img, self.device, _model_dtype(engine.module), normalize=True)
+        logits = engine(x, mask, **extra)
         return logits.float(), labels
 
     def step(self, engine, batch, step):
