@@ -85,3 +85,12 @@ def test_launcher_refuses_a_mismatched_tokenizer_grid_before_starting(capsys, to
     err = capsys.readouterr().err
     assert rc == run.CONFIG_ERROR_EXIT and "set data.second_input_size=128" in err
     assert not os.path.exists("/nonexistent/should_not_be_created")
+
+
+def test_launcher_checks_the_grids_before_training_a_default_tokenizer(capsys, tmp_path):
+    """No tokenizer given: the launcher would train one first; a patch-14 model with the default
+    112 px tokenizer view must fail before that, not after a whole tokenizer run."""
+    rc = run.main("mim", ["--run_dir", str(tmp_path / "run"), "--set", "model.name=beit_giant_patch14_224"])
+    captured = capsys.readouterr()
+    assert rc == run.CONFIG_ERROR_EXIT and "set data.second_input_size=128" in captured.err
+    assert "training the default tokenizer" not in captured.out and not (tmp_path / "run" / "tokenizer").exists()

@@ -205,6 +205,10 @@ def _main(stage: str, args, env) -> int:
             from beit_scale.train.tasks import tokenizer_path_in
             tokenizer_path = tokenizer_path_in(run_dir / "tokenizer")
             if not tokenizer_path.exists():
+                # Image, patch and tokenizer grids must agree: say so now, not after training a
+                # tokenizer at the wrong size.
+                from beit_scale.train.tasks import MIMTask
+                MIMTask(cfg, tokenizer_path).check_geometry()
                 _say(env, f"no tokenizer.checkpoint given: training the default tokenizer first in "
                           f"{tokenizer_path.parent} (cached there and reused next time)")
                 status = _train_tokenizer(args, env, run_dir / "tokenizer", cfg)
