@@ -289,7 +289,9 @@ class Trainer:
                 if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
                     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
+                record["step_time_s"] = elapsed / max(window_samples / t.global_batch, 1)
                 if self.flops_per_sample:
+                    record["flops_per_sample"] = self.flops_per_sample
                     record["tflops_per_device"] = self.flops_per_sample * sps / self.world / 1e12
                 window_start, window_samples = time.time(), 0
                 if self.is_main:
@@ -298,7 +300,8 @@ class Trainer:
                     rate = (time.time() - start_time) / max(done, 1)
                     extra = " ".join(f"{k} {record[k]:.4g}" for k in record
                                      if k not in ("step", "epoch", "lr", "samples_per_sec", "skipped_steps",
-                                                  "tflops_per_device", "grad_norm", "loss") and
+                                                  "tflops_per_device", "grad_norm", "loss", "step_time_s",
+                                                  "flops_per_sample") and
                                      isinstance(record[k], float))
                     print(f"[{self.task.name}] step {self.step}/{t.max_steps} ({100 * self.step / t.max_steps:.0f}%) "
                           f"loss {record['loss']:.4f} {extra} lr {record['lr']:.2e} {sps:.1f} img/s "
