@@ -154,3 +154,76 @@ def test_srun_points_get_distinct_ports_below_the_ephemeral_range(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     ports = [study._srun_master_port() for _ in range(3)]
     assert len(set(ports)) == 3 and all(p in SLURM_PORTS and p < 32768 for p in ports)
+
+
+# ---- PointResult from a synthetic run folder (no training) ------------------------------------
+def _fake_run(run_dir, records, precision="bf16", global_batch=8):
+    run_dir.mkdir(parents=True)
+    (run_dir / "ds_config.json").write_text(json.dumps({"train_batch_size": global_batch,
+                                                        precision: {"enabled": True}}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _train_records(new_format=True):
+    """4 steps of 8 samples on 2 ranks; steps 1-2 are warm-up. 1e9 FLOPs per sample."""
+    out = []
+    for step, t in ((1, 9.0), (2, 0.5), (3, 0.4), (4, 0.6)):
+        sps = 8 / t
+        r = {"kind": "train", "step": step, "loss": 10.0 - step, "samples_per_sec": sps, "skipped_steps": 0,
+             "loss_scale": 2.0 ** (16 - step), "peak_mem_bytes": 1000 * step, "peak_mem_base_bytes": 0,
+             "peak_mem_kind": "cuda_max_allocated", "tflops_per_device": 1e9 * sps / 2 / 1e12}
+        if new_format:
+            r.update(step_time_s=t, flops_per_sample=1e9)
+        out.append(r)
+    out.insert(3, {"kind": "eval", "step": 3, "loss": 1.0})
+    return out
+
+
+@pytest.mark.parametrize("new_format", [True, False], ids=["step_time_logged", "old_log"])
+def test_point_result_from_metrics(tmp_path, new_format):
+    p = study.Point("beit_debug", 2, False, 4, "bf16", 2)
+    _fake_run(tmp_path / "run", _train_records(new_format))
+    r = study.read_point(p, tmp_path / "run", 0, 12.34, warmup_steps=2)
+    assert isinstance(r, study.PointResult) and (r.status, r.error, r.wall_s) == ("ok", "", 12.3)
+    assert (r.id, r.world, r.precision_effective, r.global_batch) == (p.id, 2, "bf16", 8)
+    assert r.measured_steps == 2 and isinstance(r.measured_steps, int)
+    assert r.step_time_s == pytest.approx(0.5)                      # mean of the measured 0.4 and 0.6
+    assert r.samples_per_sec == pytest.approx(16.0) and r.samples_per_sec_per_device == pytest.approx(8.0)
+    assert r.flops_per_sample == pytest.approx(1e9)
+    assert r.tflops_per_device == pytest.approx(1e9 * 16 / 2 / 1e12)
+    assert (r.peak_mem_bytes, r.measured_mem_bytes, r.peak_mem_kind) == (4000, 4000, "cuda_max_allocated")
+    assert (r.loss, r.loss_scale, r.skipped_steps) == (6.0, 2.0 ** 12, 0)
+    # memory vs the model, MFU vs a GPU's datasheet peak (per device: GPUs are not shared)
+    r.update({"pred_compare_bytes": 5000})
+    r.score({"kind": "cuda", "peak_tflops": {"bf16": 0.08}})
+    assert r.mem_ratio == pytest.approx(0.8) and r.mem_within_15pct is False
+    assert r.peak_tflops_per_device == 0.08 and r.mfu == pytest.approx(0.008 / 0.08)
+    # CPU: the measured machine peak is shared by the ranks on it
+    r.score({"kind": "cpu", "peak_tflops": {"bf16": 0.08}})
+    assert r.peak_tflops_per_device == pytest.approx(0.04) and r.mfu == pytest.approx(0.2)
+    # results.jsonl round trip; no MFU for a precision the device has no figure for
+    row = r.to_row()
+    assert study.PointResult.from_row(json.loads(json.dumps(row))) == r and "predict_error" not in row
+    bare = study.PointResult.from_row({**row, "mfu": None, "peak_tflops_per_device": None})
+    bare.score({"kind": "cuda", "peak_tflops": {"fp16": 1.0}})
+    assert bare.mfu is None and "mfu" not in bare.to_row()
+
+
+def test_point_result_of_failed_runs(tmp_path):
+    p = study.Point("beit_debug", 3, True, 64, "fp16", 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text("step 1\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
+    r = study.read_point(p, run, 1, 3.0, warmup_steps=2)
+    assert r.status == "oom" and r.error.startswith("exit status 1: torch.OutOfMemoryError")
+    assert r.measured_steps is None and r.samples_per_sec is None and r.mfu is None
+    r.score({"kind": "cuda", "peak_tflops": {"fp16": 100.0}})     # nothing measured: nothing scored
+    assert r.mfu is None and r.mem_ratio is None
+    assert set(r.to_row()) == {"id", "model", "zero", "act_ckpt", "micro_batch", "precision", "ranks", "nodes",
+                               "world", "status", "error", "wall_s"}
+    # exit 0 but only warm-up steps logged: failed, with the log's tail
+    _fake_run(tmp_path / "short", _train_records()[:2])
+    (tmp_path / "short" / "log.txt").write_text("done early\n")
+    r = study.read_point(p, tmp_path / "short", 0, 1.0, warmup_steps=2)
+    assert r.status == "failed" and "logged no measured step" in r.error and "done early" in r.error
+    assert r.measured_steps == 0 and r.precision_effective == "bf16"
