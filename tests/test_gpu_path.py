@@ -73,7 +73,8 @@ def test_local_rank_1_sets_device_1_before_anything_is_placed(monkeypatch, tmp_p
         events.append(("stage starts", fake.current))
         from beit_scale.train.trainer import Trainer
         t = Trainer.__new__(Trainer)
-        Trainer.__init__(t, cfg=types.SimpleNamespace(), task=types.SimpleNamespace(), ds_config={},
+        Trainer.__init__(t, cfg=types.SimpleNamespace(), task=types.SimpleNamespace(configure=lambda **kw: None),
+                         ds_config={},
                          run_dir=tmp_path, ckpt=None)
         events.append(("trainer device", str(t.device)))
         return 0

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from beit_scale.config import (ConfigError, build_config, dump_yaml, file_precision, load_deepspeed_json,
+from beit_scale.config import (ConfigError, build_config, file_precision, load_deepspeed_json,
                                merge_deepspeed_config, set_precision, to_dict)
 from beit_scale.dist.device import check_precision
 
@@ -165,7 +165,7 @@ def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     from beit_scale.train.parallelize import init_distributed
     from beit_scale.train.trainer import Trainer
     task = task or make_task(cfg)
-    task.ds_config = ds  # preflight may check settings that live in the DeepSpeed JSON (ZeRO stage)
+    task.configure(run_dir=run_dir, ds_config=ds)  # preflight may check DeepSpeed settings (ZeRO stage)
     task.preflight()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, to_dict(cfg), env.rank, env.world_size)
     found = ckpt.select_resume()

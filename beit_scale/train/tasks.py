@@ -1,19 +1,27 @@
 """Stages as tasks: each one is a model, its data and its objective.  The trainer is shared.
 
-A task provides:
+The contract is the `Task` base class below: every hook the trainer or the launcher calls is
+declared there, abstract or with a default, so the loop never probes a task with `hasattr` and
+nothing outside a task sets attributes on it (`configure` hands it what it may need).
+
+  configure(run_dir, ds_config)  the run dir and DeepSpeed JSON, before preflight
   preflight()                checks that need no process group (paths, vocabularies); raises ConfigError
-  build_model()              a plain nn.Module (meta-device safe for FLOP counting)
+  build_model()              a plain nn.Module (meta-device safe for FLOP counting)          [abstract]
   prepare(device)            per-process extras (the frozen tokenizer for MIM)
-  train_dataset() / eval_dataset()
-  step(engine, batch, step) -> (loss, {metric: detached scalar tensor})
+  train_dataset() / eval_dataset()                                                          [abstract]
+  step(engine, batch, step) -> (loss, {metric: detached scalar tensor})                    [abstract]
   log_images(writer, engine, batch, step)  called on EVERY rank at the same steps; writer is None
                              except on rank 0 (a forward under ZeRO-3 is a collective)
-  eval_batch(engine, batch, n_valid) -> {name: sum tensor}   (summed over the valid rows)
-  finish_eval(sums) -> {metric: float}
+  eval_batch(engine, batch, n_valid) -> {name: sum tensor}   (summed over the valid rows) [abstract]
+  finish_eval(sums) -> {metric: float}                                                     [abstract]
   flops_per_sample()         forward+backward FLOPs of one training sample (for TFLOP/s)
+  extra_state() / state_tensors()      JSON for the manifest / tensors saved beside the model
+  load_extra_state(extra, tensors)     both back, on resume
+  summary(metrics) -> lines  for the run log
 """
 from __future__ import annotations
 
+import abc
 import logging
 from pathlib import Path
 
@@ -98,13 +106,41 @@ def count_flops(fn) -> float | None:
         return None
 
 
-class Task:
+class Task(abc.ABC):
     name = "task"
 
     def __init__(self, cfg: ExperimentCfg):
         self.cfg = cfg
         self.device = torch.device("cpu")
+        self.run_dir: Path | None = None     # from configure(): where best weights etc. may go
+        self.ds_config: dict | None = None   # from configure(): settings that live in the DeepSpeed JSON
         self._folders = {}
+
+    def configure(self, *, run_dir: str | Path | None = None, ds_config: dict | None = None) -> None:
+        """What the launcher and trainer hand the task (before preflight / build)."""
+        if run_dir is not None:
+            self.run_dir = Path(run_dir)
+        if ds_config is not None:
+            self.ds_config = ds_config
+
+    # -- the objective: what every stage must define
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module: ...
+
+    @abc.abstractmethod
+    def train_dataset(self): ...
+
+    @abc.abstractmethod
+    def eval_dataset(self): ...
+
+    @abc.abstractmethod
+    def step(self, engine, batch, step: int) -> tuple[torch.Tensor, dict]: ...
+
+    @abc.abstractmethod
+    def eval_batch(self, engine, batch, n_valid: int) -> dict: ...
+
+    @abc.abstractmethod
+    def finish_eval(self, sums: dict) -> dict: ...
 
     # -- data
     def folder(self, split: str):
@@ -130,6 +166,13 @@ class Task:
 
     def extra_state(self) -> dict:
         return {}
+
+    def state_tensors(self) -> dict:
+        """Tensors saved in each checkpoint beside the model (identical on every rank)."""
+        return {}
+
+    def load_extra_state(self, extra: dict, tensors: dict) -> None:
+        """On resume: the checkpoint's `extra_state()` and `state_tensors()` output."""
 
     def flops_per_sample(self) -> float | None:
         return None

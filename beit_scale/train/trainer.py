@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from beit_scale.config import ExperimentCfg, dump_yaml, to_dict
+from beit_scale.config import ExperimentCfg, dump_yaml
 from beit_scale.train import optim as optim_lib
 from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
                                          agree_stop_and_clock)
@@ -106,7 +106,7 @@ class Trainer:
                  ckpt: CheckpointManager, resume: tuple | None = None):
         self.cfg, self.task, self.ds_config, self.run_dir, self.ckpt = cfg, task, ds_config, run_dir, ckpt
         self.resume = resume
-        task.run_dir = Path(run_dir)  # tasks that write beside the checkpoints (best weights) need it
+        task.configure(run_dir=run_dir)  # tasks that write beside the checkpoints (best weights) need it
         self.rank, self.world = rank(), world()
         self.is_main = self.rank == 0
         # The device this rank chose before the process group (beit_scale/dist/device.py); after
@@ -186,8 +186,7 @@ class Trainer:
         resumed_from = None
         if self.resume is not None:
             resumed_from = self.ckpt.load(self.engine, self.resume, self)
-            if hasattr(self.task, "load_extra_state"):
-                self.task.load_extra_state(*self.ckpt.read_task_state(resumed_from))
+            self.task.load_extra_state(*self.ckpt.read_task_state(resumed_from))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -361,8 +360,7 @@ class Trainer:
         return {"diverged": True, "step": self.step}
 
     def _save(self, wait: bool = True) -> None:
-        tensors = self.task.state_tensors() if hasattr(self.task, "state_tensors") else None
-        self.ckpt.save(self.engine, self, self.task.extra_state(), tensors, wait=wait)
+        self.ckpt.save(self.engine, self, self.task.extra_state(), self.task.state_tensors(), wait=wait)
 
     def _reduce_metrics(self, sums: dict, n: int) -> dict:
         keys = sorted(sums)
