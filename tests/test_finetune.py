@@ -311,7 +311,7 @@ def test_ema_survives_resume_exactly(tmp_path):
 
 
 def test_ema_model_does_not_run_the_live_weights_under_activation_checkpointing():
-    from beit_scale.train.finetune import WeightEMA
+    from beit_scale.train.callbacks import WeightEMA
     from beit_scale.train.parallelize import apply_activation_checkpointing
     model = build_model("beit_debug", task="classify", num_classes=10).eval()
     assert apply_activation_checkpointing(model, "all") == [0, 1]

@@ -18,7 +18,6 @@ Layer-wise lr decay needs nothing here: `optim.param_groups` reads `model.layer_
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -190,47 +189,6 @@ def default_init_source(model_name: str) -> Path | None:
     return None
 
 
-# ----------------------------------------------------------------------------- EMA
-
-class WeightEMA:
-    """ema = decay * ema + (1 - decay) * weights, after every optimizer step (fp32 copy).
-
-    Its tensors are saved in every checkpoint (`ClassifyTask.state_tensors`, as "ema.<name>") and
-    put back on resume, so a resumed run continues the same average."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(module).float().eval().requires_grad_(False)
-        # Activation checkpointing wraps `blk.forward` on the instance with a closure over the
-        # *original* block; deepcopy keeps that closure, so the copy would run the live weights.
-        for m in self.model.modules():
-            m.__dict__.pop("forward", None)
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for e, p in zip(self.model.state_dict().values(), module.state_dict().values()):
-            if e.is_floating_point():
-                e.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
-            else:
-                e.copy_(p)
-
-    def state_tensors(self) -> dict:
-        # Floating-point entries only: integer buffers (relative-position indices) are derived,
-        # never averaged, and may share storage between blocks, which safetensors refuses.
-        return {f"ema.{k}": v.detach().clone() for k, v in self.model.state_dict().items()
-                if v.is_floating_point()}
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: dict) -> None:
-        """Restore from `state_tensors()` output; raises ValueError if the names or shapes differ."""
-        mine = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
-        theirs = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
-        if set(theirs) != set(mine) or any(theirs[k].shape != v.shape for k, v in mine.items()):
-            raise ValueError("the saved EMA does not match this model")
-        for k, v in mine.items():
-            v.copy_(theirs[k])
-
-
 # ----------------------------------------------------------------------------- the task
 
 class ClassifyTask(Task):
@@ -239,15 +197,10 @@ class ClassifyTask(Task):
 
     def __init__(self, cfg: ExperimentCfg):
         super().__init__(cfg)
-        self.run_dir: Path | None = None      # set by the Trainer
         self._init = None                     # (source, state dict, kind) read in preflight
         self.init_report: InitReport | None = None
         self.mixup = None
-        self.ema: WeightEMA | None = None
-        self._ema_saved: dict | None = None  # EMA tensors from the checkpoint being resumed
-        self.ds_config: dict | None = None   # set by run.train_stage before preflight
-        self.last_step = 0
-        self.best = None
+        self._dtype = torch.float32  # the trained model's dtype, seen at eval_batch (EMA scoring uses it)
 
     # -- config checks, before any process group
     def model_kwargs(self) -> dict:
@@ -345,25 +298,19 @@ class ClassifyTask(Task):
                                label_smoothing=f.label_smoothing, num_classes=self.cfg.model.num_classes)
 
     def extra_state(self):
-        return {"init": self.init_report.to_dict() if self.init_report else None,
-                "best": self.best}
+        return {"init": self.init_report.to_dict() if self.init_report else None}
 
-    def state_tensors(self) -> dict:
-        """Saved in each checkpoint beside the model: the weight EMA, when on."""
-        if self.ema is not None:
-            return self.ema.state_tensors()
-        return dict(self._ema_saved or {})  # resumed and saved again before the first step
-
-    def load_extra_state(self, extra: dict, tensors: dict) -> None:
-        """On resume: the best-so-far record (so best/ is not overwritten by a worse model) and
-        the EMA tensors (applied when the EMA is attached to the engine)."""
-        self.best = extra.get("best") or self.best
+    def callbacks(self):
+        """The weight EMA (finetune.ema) and the best-weights keeper (run_dir/best/)."""
+        from beit_scale.config import to_dict
+        from beit_scale.train.callbacks import BestWeights, EMACallback
+        cbs = []
         if self.cfg.finetune.ema:
-            if any(k.startswith("ema.") for k in tensors):
-                self._ema_saved = {k: v for k, v in tensors.items() if k.startswith("ema.")}
-            else:
-                _say("note: the checkpoint has no weight EMA (saved with finetune.ema off?); "
-                     "the EMA restarts from the resumed weights")
+            cbs.append(EMACallback(self.cfg.finetune.ema_decay, self.score, say=_say))
+        if self.run_dir is not None:
+            cbs.append(BestWeights(self.run_dir, "val_top1",
+                                   {"model": self.cfg.model.name, "config": json.dumps(to_dict(self.cfg))}))
+        return cbs
 
     # -- data
     def train_dataset(self):
@@ -381,33 +328,7 @@ class ClassifyTask(Task):
         return ClassifyDataset(self.folder(d.val_split), ClassifyTransform(train=False, size=d.input_size))
 
     # -- objective
-    def _attach_ema(self, engine) -> None:
-        """Create the EMA (from the checkpoint's, when resuming) and update it after each step."""
-        assert engine.zero_optimization_stage() != 3, "refused in preflight"
-        self.ema = WeightEMA(engine.module, self.cfg.finetune.ema_decay)
-        if self._ema_saved is not None:
-            try:
-                self.ema.load_state_tensors(self._ema_saved)
-            except ValueError as e:
-                raise ConfigError(f"cannot resume the weight EMA: {e}") from None
-            self._ema_saved = None
-            _say(f"weight EMA on (decay {self.cfg.finetune.ema_decay}), restored from the checkpoint")
-        else:
-            _say(f"weight EMA on (decay {self.cfg.finetune.ema_decay})")
-        original = engine.step
-
-        def step_then_ema(*a, _orig=original, **kw):
-            boundary = engine.is_gradient_accumulation_boundary()
-            out = _orig(*a, **kw)
-            if boundary:
-                self.ema.update(engine.module)
-            return out
-        engine.step = step_then_ema
-
     def step(self, engine, batch, step):
-        if self.cfg.finetune.ema and self.ema is None:
-            self._attach_ema(engine)
-        self.last_step = step + 1
         img, target = batch
         # uint8 from the loader -> normalised float32 on the device; mixup/cutmix mix those
         # float32 images (as before), the cast to the model's dtype comes after.
@@ -432,17 +353,18 @@ class ClassifyTask(Task):
         return {f"{prefix}correct1": hit[:, 0].float().sum(), f"{prefix}correct5": hit.any(-1).float().sum(),
                 f"{prefix}loss_sum": F.cross_entropy(logits, target, reduction="sum")}
 
-    def eval_batch(self, engine, batch, n_valid):
+    def score(self, model, batch, n_valid: int, prefix: str = "", dtype: torch.dtype | None = None) -> dict:
+        """Top-1/top-5/loss sums of `model` on the valid rows.  The images are made in `dtype`
+        (the trained model's) and cast to `model`'s, so the EMA (fp32) sees what the model saw."""
         img, target = batch
-        img = device_images(img[:n_valid], self.device, _model_dtype(engine.module), normalize=True)
+        img = device_images(img[:n_valid], self.device, dtype or self._dtype, normalize=True)
         target = target[:n_valid].to(self.device)
-        self._engine = engine
-        if self.cfg.finetune.ema and self.ema is None:  # a resumed run that evaluates before any step
-            self._attach_ema(engine)
-        out = self._scores(engine(img).float(), target)
-        out["count"] = torch.tensor(float(n_valid), device=target.device)
-        if self.ema is not None:
-            out.update(self._scores(self.ema.model(img.float()).float(), target, "ema_"))
+        return self._scores(model(img.to(_model_dtype(model))).float(), target, prefix)
+
+    def eval_batch(self, engine, batch, n_valid):
+        self._dtype = _model_dtype(engine.module)
+        out = self.score(engine, batch, n_valid)
+        out["count"] = torch.tensor(float(n_valid), device=self.device)
         return out
 
     def finish_eval(self, sums):
@@ -452,46 +374,7 @@ class ClassifyTask(Task):
         if "ema_correct1" in sums:
             res.update(val_top1_ema=float(sums["ema_correct1"]) / n, val_top5_ema=float(sums["ema_correct5"]) / n,
                        val_loss_ema=float(sums["ema_loss_sum"]) / n)
-        engine = getattr(self, "_engine", None)
-        if engine is not None and self.run_dir is not None and \
-                (self.best is None or res["val_top1"] > self.best["val_top1"]):
-            self.best = dict(res, step=self.last_step)
-            self._save_best(engine, self.best)
-        if self.best is not None:
-            res["best_top1"] = self.best["val_top1"]
         return res
-
-    def _save_best(self, engine, info: dict) -> None:
-        """run_dir/best/model.safetensors + best.json, written atomically by rank 0.
-
-        Called on every rank: under ZeRO 3 gathering the parameters is a collective."""
-        module = engine.module
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        if engine.zero_optimization_stage() == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank0 else None
-        else:
-            sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank0 else None
-        if rank0:
-            self._write_best(sd, info)
-        import torch.distributed as dist
-        if dist.is_initialized():  # the file exists for every rank once this returns
-            dist.barrier()
-
-    def _write_best(self, sd: dict, info: dict) -> None:
-        from beit_scale.config import to_dict
-        from beit_scale.train.export import save_safetensors
-        best = self.run_dir / "best"
-        best.mkdir(parents=True, exist_ok=True)
-        sd = {k: v for k, v in sd.items() if not k.endswith(".index")}  # derived buffers
-        save_safetensors(sd, best / "model.safetensors",
-                         metadata={"model": self.cfg.model.name, "step": info["step"],
-                                   "config": json.dumps(to_dict(self.cfg))})
-        tmp = best / ".best.json.tmp"
-        tmp.write_text(json.dumps(dict(info, model=self.cfg.model.name,
-                                       weights=str(best / "model.safetensors")), indent=2))
-        os.replace(tmp, best / "best.json")
 
     def flops_per_sample(self):
         s = self.cfg.data.input_size
@@ -506,7 +389,7 @@ class ClassifyTask(Task):
                f"loss {m['val_loss']:.4f}"
         if "val_top1_ema" in m:
             line += f" | EMA top-1 {m['val_top1_ema']:.4f}"
-        if self.best is not None:
-            line += f" | best top-1 {self.best['val_top1']:.4f} at step {self.best['step']} " \
+        if "best_top1" in m:
+            line += f" | best top-1 {m['best_top1']:.4f} at step {m['best_step']} " \
                     f"({self.run_dir / 'best' / 'model.safetensors'})"
         return [line]

@@ -131,6 +131,22 @@ def engine_loss_scale(engine) -> float | None:
     return None
 
 
+def full_state_dict(engine, rank0_only: bool = True) -> dict | None:
+    """The module's complete fp32 state dict (gathered from the ranks under ZeRO-3).  Call on
+    every rank (the gather is a collective); with rank0_only the others get None."""
+    import torch.distributed as dist
+    module = engine.module
+    mine = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+
+    def copy_out():
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()} if mine else None
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return copy_out()
+    return copy_out()
+
+
 def is_min_loss_scale_error(exc: BaseException) -> bool:
     """DeepSpeed's fp16 loss scaler raises (raise_error_at_min_scale=True) when gradients overflow
     again with the scale already at min_loss_scale: the run has diverged."""

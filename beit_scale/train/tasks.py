@@ -17,6 +17,7 @@ nothing outside a task sets attributes on it (`configure` hands it what it may n
   flops_per_sample()         forward+backward FLOPs of one training sample (for TFLOP/s)
   extra_state() / state_tensors()      JSON for the manifest / tensors saved beside the model
   load_extra_state(extra, tensors)     both back, on resume
+  callbacks() -> [Callback]  what runs around the steps (EMA, best weights, ...)
   summary(metrics) -> lines  for the run log
 """
 from __future__ import annotations
@@ -173,6 +174,10 @@ class Task(abc.ABC):
 
     def load_extra_state(self, extra: dict, tensors: dict) -> None:
         """On resume: the checkpoint's `extra_state()` and `state_tensors()` output."""
+
+    def callbacks(self) -> list:
+        """What runs around the steps for this stage (beit_scale/train/callbacks.py)."""
+        return []
 
     def flops_per_sample(self) -> float | None:
         return None

@@ -183,10 +183,16 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self._build()
+        self.callbacks = self.task.callbacks()
         resumed_from = None
         if self.resume is not None:
             resumed_from = self.ckpt.load(self.engine, self.resume, self)
-            self.task.load_extra_state(*self.ckpt.read_task_state(resumed_from))
+            extra, tensors = self.ckpt.read_task_state(resumed_from)
+            self.task.load_extra_state(extra, tensors)
+            for cb in self.callbacks:
+                if cb.key is not None and extra.get(cb.key) is not None:
+                    cb.load_state_dict(extra[cb.key])
+                cb.load_state_tensors(tensors)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -214,6 +220,8 @@ class Trainer:
                 print(f"resumed from {resumed_from} at step {self.step} (epoch {self.epoch}, "
                       f"{self.offset} samples into it)", flush=True)
 
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         signals = SignalFlag.install()
         self.engine.train()
         loader = self._loader(train_ds, sampler, t.micro_batch, persistent=True)
@@ -254,6 +262,8 @@ class Trainer:
                 break
             self.step += 1
             self.samples_seen += t.global_batch
+            for cb in self.callbacks:
+                cb.on_step_end(self)
             window_samples += t.global_batch
             if self.mem_probe is not None and self.mem_probe.running and \
                     (self.step >= t.cpu_mem_profile_steps or self.step == t.max_steps):
@@ -360,7 +370,12 @@ class Trainer:
         return {"diverged": True, "step": self.step}
 
     def _save(self, wait: bool = True) -> None:
-        self.ckpt.save(self.engine, self, self.task.extra_state(), self.task.state_tensors(), wait=wait)
+        extra, tensors = self.task.extra_state(), self.task.state_tensors()
+        for cb in self.callbacks:
+            if cb.key is not None:
+                extra[cb.key] = cb.state_dict()
+            tensors.update(cb.state_tensors())
+        self.ckpt.save(self.engine, self, extra, tensors, wait=wait)
 
     def _reduce_metrics(self, sums: dict, n: int) -> dict:
         keys = sorted(sums)
@@ -384,13 +399,13 @@ class Trainer:
             bs = len(batch[0])
             valid = max(0, min(bs, n_valid - seen))
             seen += bs
+            # Padding only (valid == 0): still run the forward so ZeRO-3 gathers stay in lockstep.
+            n = valid or bs
+            out = self.task.eval_batch(self.engine, batch, n)
+            for cb in self.callbacks:
+                out.update(cb.eval_batch(self, batch, n))
             if valid == 0:
-                # Padding only: still run the forward so ZeRO-3 gathers stay in lockstep.
-                valid_batch = batch
-                out = self.task.eval_batch(self.engine, valid_batch, bs)
                 out = {k: torch.zeros_like(v) for k, v in out.items()}
-            else:
-                out = self.task.eval_batch(self.engine, batch, valid)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.float()
         self.engine.train()
@@ -398,6 +413,8 @@ class Trainer:
             for k in sorted(sums):
                 dist.all_reduce(sums[k])
         result = self.task.finish_eval(sums)
+        for cb in self.callbacks:
+            cb.on_eval_end(self, result)
         if self.is_main:
             self.metrics.write(dict(result, step=self.step), prefix="eval")
             for line in self.task.summary(result):

@@ -1,0 +1,187 @@
+"""What runs around the trainer's steps, outside the loop body and outside the tasks.
+
+A task lists its callbacks (`Task.callbacks()`); the trainer calls every hook on every rank, in
+list order.  A callback that must survive a resume says so through `state_dict` (JSON, stored
+in the checkpoint manifest's "extra" under `key`) and `state_tensors` (stored in the checkpoint's
+task_state.safetensors; names must carry the callback's own prefix).
+
+  on_train_start(trainer)            engine built, resume loaded, before the first step
+  on_step_end(trainer)               after each optimizer step (trainer.step already counts it)
+  eval_batch(trainer, batch, n_valid) -> {name: sum tensor}   extra sums beside the task's
+  on_eval_end(trainer, result)       after the task's finish_eval; may add entries to `result`
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class Callback:
+    key: str | None = None   # where its state_dict goes in the manifest's "extra" (None: nothing to keep)
+
+    def on_train_start(self, trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer) -> None:
+        pass
+
+    def eval_batch(self, trainer, batch, n_valid: int) -> dict:
+        return {}
+
+    def on_eval_end(self, trainer, result: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def state_tensors(self) -> dict:
+        return {}
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- weight EMA
+
+class WeightEMA:
+    """ema = decay * ema + (1 - decay) * weights, after every optimizer step (fp32 copy).
+
+    Written here rather than taken from timm (ModelEmaV3): its tensors must be saved in every
+    checkpoint under our names and put back bit-exactly on resume, and the copy must drop the
+    activation-checkpointing `forward` wrappers (below), which timm's deepcopy would keep."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(module).float().eval().requires_grad_(False)
+        # Activation checkpointing wraps `blk.forward` on the instance with a closure over the
+        # *original* block; deepcopy keeps that closure, so the copy would run the live weights.
+        for m in self.model.modules():
+            m.__dict__.pop("forward", None)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for e, p in zip(self.model.state_dict().values(), module.state_dict().values()):
+            if e.is_floating_point():
+                e.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+            else:
+                e.copy_(p)
+
+    def state_tensors(self) -> dict:
+        # Floating-point entries only: integer buffers (relative-position indices) are derived,
+        # never averaged, and may share storage between blocks, which safetensors refuses.
+        return {f"ema.{k}": v.detach().clone() for k, v in self.model.state_dict().items()
+                if v.is_floating_point()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict) -> None:
+        """Restore from `state_tensors()` output; raises ValueError if the names or shapes differ."""
+        mine = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        theirs = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if set(theirs) != set(mine) or any(theirs[k].shape != v.shape for k, v in mine.items()):
+            raise ValueError("the saved EMA does not match this model")
+        for k, v in mine.items():
+            v.copy_(theirs[k])
+
+
+class EMACallback(Callback):
+    """Keeps a WeightEMA of the engine's module, evaluates it beside the live weights (its sums
+    are prefixed "ema_"), and saves it in every checkpoint as "ema.<name>" tensors.
+
+    `evaluate(model, batch, n_valid, prefix)` is the task's scoring of one eval batch with a
+    given model.  Needs the full weights on every rank (not ZeRO-3; the task refuses that)."""
+
+    def __init__(self, decay: float, evaluate: Callable, say: Callable[[str], None] = print):
+        self.decay, self.evaluate, self.say = decay, evaluate, say
+        self.ema: WeightEMA | None = None
+        self._saved: dict | None = None   # EMA tensors from the checkpoint being resumed
+
+    def on_train_start(self, trainer) -> None:
+        from beit_scale.config import ConfigError
+        self.ema = WeightEMA(trainer.engine.module, self.decay)
+        if self._saved is not None:
+            try:
+                self.ema.load_state_tensors(self._saved)
+            except ValueError as e:
+                raise ConfigError(f"cannot resume the weight EMA: {e}") from None
+            self._saved = None
+            self.say(f"weight EMA on (decay {self.decay}), restored from the checkpoint")
+        else:
+            self.say(f"weight EMA on (decay {self.decay})")
+
+    def on_step_end(self, trainer) -> None:
+        self.ema.update(trainer.engine.module)
+
+    def eval_batch(self, trainer, batch, n_valid: int) -> dict:
+        return self.evaluate(self.ema.model, batch, n_valid, "ema_")
+
+    def state_tensors(self) -> dict:
+        if self.ema is not None:
+            return self.ema.state_tensors()
+        return dict(self._saved or {})  # resumed and saved again before training started
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        saved = {k: v for k, v in tensors.items() if k.startswith("ema.")}
+        if saved:
+            self._saved = saved
+        else:
+            self.say("note: the checkpoint has no weight EMA (saved with finetune.ema off?); "
+                     "the EMA restarts from the resumed weights")
+
+
+# ----------------------------------------------------------------------------- best weights
+
+class BestWeights(Callback):
+    """After each evaluation: if `metric` beat the best so far, write the weights to
+    run_dir/best/model.safetensors (+ best.json), atomically, outside the checkpoint folder (so
+    retention never deletes them).  The record survives a resume, so a resumed run never
+    overwrites best/ with a worse model.  Adds best_<metric> and best_step to the result."""
+
+    key = "best"
+
+    def __init__(self, run_dir: Path, metric: str, metadata: dict):
+        self.run_dir, self.metric, self.metadata = Path(run_dir), metric, metadata
+        self.best: dict | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / "best" / "model.safetensors"
+
+    def on_eval_end(self, trainer, result: dict) -> None:
+        # Every rank sees the same (all-reduced) result, so every rank takes the same branch:
+        # gathering ZeRO-3 weights inside is a collective.
+        if self.metric in result and (self.best is None or result[self.metric] > self.best[self.metric]):
+            self.best = dict(result, step=trainer.step)
+            self._save(trainer, self.best)
+        if self.best is not None:
+            result[f"best_{self.metric.removeprefix('val_')}"] = self.best[self.metric]
+            result["best_step"] = self.best["step"]
+
+    def _save(self, trainer, info: dict) -> None:
+        from beit_scale.train.parallelize import full_state_dict
+        sd = full_state_dict(trainer.engine, rank0_only=True)
+        if trainer.is_main:
+            from beit_scale.train.export import save_safetensors
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            sd = {k: v for k, v in sd.items() if not k.endswith(".index")}  # derived buffers
+            save_safetensors(sd, self.path, metadata=dict(self.metadata, step=info["step"]))
+            tmp = self.path.parent / ".best.json.tmp"
+            tmp.write_text(json.dumps(dict(info, model=self.metadata.get("model"), weights=str(self.path)),
+                                      indent=2))
+            os.replace(tmp, self.path.parent / "best.json")
+        if dist.is_initialized():  # the file exists for every rank once this returns
+            dist.barrier()
+
+    def state_dict(self) -> dict:
+        return self.best
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state or self.best
