@@ -40,6 +40,7 @@ def test_retention_keeps_last_k_and_every_kth(reference):
     # saved 2,4,6,8; keep_last=2 -> 6,8; keep_every=4 -> 4,8
     assert names == ["step_00000004", "step_00000006", "step_00000008"]
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_00000008"
+    assert _pointers_agree(run_dir / "checkpoints") == "step_00000008"   # DeepSpeed's `latest` too
     m = json.loads((run_dir / "checkpoints" / "step_00000008" / "manifest.json").read_text())
     assert m["step"] == 8 and m["world_size"] == 2 and m["zero_stage"] == 2 and m["precision"] == "fp32"
     assert m["samples_seen"] == 64 and m["config"]["model"]["name"] == "beit_debug"
@@ -105,6 +106,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, tokenizer_file, referen
     with pytest.warns(UserWarning, match="truncated"):
         path, manifest = mgr.select_resume()
     assert path.name == "step_00000006"
+    assert _pointers_agree(run_dir / "checkpoints") == "step_00000006"  # rolled back past the corrupted one
     # a missing file is detected as well
     os.remove(run_dir / "checkpoints" / "step_00000006" / "rank_00001.json")
     with pytest.warns(UserWarning, match="missing file"):
@@ -116,6 +118,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, tokenizer_file, referen
     got = losses(run_dir)
     for s in (5, 6, 7, 8):
         assert got[s] == ref[s]
+    assert _pointers_agree(run_dir / "checkpoints") == "step_00000008"
 
 
 def test_resume_none_refuses_to_overwrite(tmp_path, reference):
@@ -215,3 +218,88 @@ def test_background_finalize_completes_later_and_reports_errors(tmp_path, monkey
     with pytest.raises(RuntimeError, match="disk full"):
         mgr.finish()
     assert not (bad / COMPLETE).exists() and mgr.latest_step() == 4
+
+
+def _pointers_agree(ckpt_dir):
+    """DeepSpeed's `latest` holds the same bytes as our LATEST, and names an intact COMPLETE folder."""
+    upper, lower = ckpt_dir / "LATEST", ckpt_dir / "latest"
+    assert upper.exists() == lower.exists()
+    if not upper.exists():
+        return None
+    assert lower.read_bytes() == upper.read_bytes()
+    tag = lower.read_text().strip()
+    assert CheckpointManager.verify(ckpt_dir / tag) is None, tag
+    return tag
+
+
+def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
+    """`latest` (what zero_to_fp32.py and load_checkpoint(tag=None) read) equals LATEST after saves,
+    background finalization, retention, a corrupted-newest fallback, a re-save of the same step and
+    a save on an older branch; it is written only after its checkpoint's COMPLETE marker."""
+    import threading
+    import beit_scale.train.checkpoint as ck
+    ckpts = tmp_path / "checkpoints"
+    writes, atomic = [], ck._write_atomic
+    def checked(path, text):  # every pointer write names a folder that is COMPLETE at that moment
+        if path.name in ("LATEST", "latest"):
+            assert (path.parent / text.strip() / COMPLETE).exists(), text
+            writes.append((path.name, text.strip()))
+        atomic(path, text)
+    monkeypatch.setattr(ck, "_write_atomic", checked)
+    mgr = CheckpointManager(tmp_path, CheckpointCfg(keep_last=2), {"train": {"seed": 0}})
+    for s in (2, 4, 6):
+        mgr.save(_FileEngine(), _Steps(s), extra={})
+        assert _pointers_agree(ckpts) == f"step_{s:08d}"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]  # retention
+    assert writes[-2:] == [("LATEST", "step_00000006"), ("latest", "step_00000006")]
+    # background finalization: until COMPLETE exists the pointers stay on step 6
+    gate, crc = threading.Event(), ck.file_crc32
+    def gated(p):
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(30)
+        return crc(p)
+    monkeypatch.setattr(ck, "file_crc32", gated)
+    path = mgr.save(_FileEngine(), _Steps(8), extra={}, wait=False)
+    assert not (path / COMPLETE).exists() and _pointers_agree(ckpts) == "step_00000006"
+    gate.set()
+    mgr.finish()
+    assert _pointers_agree(ckpts) == "step_00000008"
+    monkeypatch.setattr(ck, "file_crc32", crc)
+    # corrupted newest (COMPLETE but truncated): auto-resume falls back, both pointers roll back
+    victim = ckpts / "step_00000008" / "mp_rank_00_model_states.pt"
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    resumed = CheckpointManager(tmp_path, CheckpointCfg(keep_last=2), {"train": {"seed": 0}})
+    with pytest.warns(UserWarning, match="truncated"):
+        assert resumed.select_resume()[0].name == "step_00000006"
+    assert _pointers_agree(ckpts) == "step_00000006"
+    # the resumed run saves step 7, then step 8 again: the old step 8 is replaced, never pointed at
+    resumed.save(_FileEngine(), _Steps(7), extra={})
+    assert _pointers_agree(ckpts) == "step_00000007"
+    resumed.save(_FileEngine(), _Steps(8), extra={})
+    assert _pointers_agree(ckpts) == "step_00000008"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000007", "step_00000008"]
+    # resumed explicitly from an older checkpoint: its next save is the newest *pointed* one and
+    # retention keeps it although newer steps (the abandoned branch) are on disk
+    branch = CheckpointManager(tmp_path, CheckpointCfg(keep_last=2, resume=str(ckpts / "step_00000007")),
+                               {"train": {"seed": 0}})
+    assert branch.select_resume()[0].name == "step_00000007"
+    mgr.save(_FileEngine(), _Steps(9), extra={})
+    mgr.save(_FileEngine(), _Steps(10), extra={})
+    branch.save(_FileEngine(), _Steps(8), extra={})       # replaces step 8; newer 9 and 10 are kept
+    assert _pointers_agree(ckpts) == "step_00000008"
+    # a re-save of the step the pointers name moves them to another intact one (the highest) first
+    seen = []
+    class _Peek(_FileEngine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            assert save_latest is False
+            seen.append(branch.pointed_tags())
+            super().save_checkpoint(save_dir, tag, client_state, save_latest)
+    branch.save(_Peek(), _Steps(8), extra={})
+    assert seen == [("step_00000010", "step_00000010")] and _pointers_agree(ckpts) == "step_00000008"
+    # nothing usable left: auto-resume starts over and removes both pointers
+    for p in ckpts.glob("step_*"):
+        (p / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.warns(UserWarning):
+        assert CheckpointManager(tmp_path, CheckpointCfg(), {}).select_resume() is None
+    assert not (ckpts / "LATEST").exists() and not (ckpts / "latest").exists()

@@ -169,7 +169,7 @@ class BestWeights(Callback):
         from beit_scale.train.parallelize import full_state_dict
         sd = full_state_dict(trainer.engine, rank0_only=True)
         if trainer.is_main:
-            from beit_scale.train.export import save_safetensors
+            from beit_scale.io import save_safetensors
             self.path.parent.mkdir(parents=True, exist_ok=True)
             sd = {k: v for k, v in sd.items() if not k.endswith(".index")}  # derived buffers
             save_safetensors(sd, self.path, metadata=dict(self.metadata, step=info["step"]))

@@ -4,6 +4,9 @@ Layout under the run dir::
 
     checkpoints/
       LATEST                      name of the newest COMPLETE checkpoint (replaced atomically)
+      latest                      the same name for DeepSpeed's tools (zero_to_fp32.py, load_checkpoint
+                                  without a tag); same bytes, same rule as LATEST
+      zero_to_fp32.py, zero_to_torch.py   DeepSpeed's recovery scripts (ZeRO 1-3), copied by DeepSpeed
       step_00000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed engine)
         rank_00000.json ...       our per-rank state: step, data position, RNG streams
@@ -50,6 +53,11 @@ from beit_scale.config import ConfigError
 REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
 DIVERGED_EXIT_CODE = 4         # "training diverged (fp16 overflow at the minimum loss scale); saved; do not requeue"
 MANIFEST, COMPLETE, LATEST = "manifest.json", "COMPLETE", "LATEST"
+# DeepSpeed's own pointer: zero_to_fp32.py (which DeepSpeed copies into checkpoints/) and
+# engine.load_checkpoint(tag=None) read the tag from it.  We never let DeepSpeed write it
+# (save_latest=False: it would name the tag before our COMPLETE exists); rank 0 writes it with
+# LATEST, same content, see CheckpointManager._point_latest.
+DS_LATEST = "latest"
 TASK_STATE = "task_state.safetensors"   # the task's tensors (Task.state_tensors), identical on every rank
 _CRC_CHUNK = 1 << 22
 
@@ -231,17 +239,18 @@ class CheckpointManager:
                     f"--set checkpoint.overwrite=true to discard them")
             return None
         if mode == "auto":
-            for path in reversed(self.complete_checkpoints()):
-                reason = self.verify(path)
-                if reason is None:
-                    return path, self.read_manifest(path)
-                warnings.warn(f"checkpoint {path} is unusable ({reason}); falling back to the previous one")
-                self.log(f"WARNING: checkpoint {path.name} is unusable ({reason}); trying the previous one")
-            return None
+            found = self._newest_valid()
+            if self.rank == 0:
+                # The pointers follow what this run resumes from: past a corrupted newest
+                # checkpoint they roll back to the one in use (or go when none is usable), so
+                # DeepSpeed's tools never read a checkpoint we refused; a run saved before
+                # `latest` existed gets it here.
+                self._point_latest(found[0].name if found else None)
+            return found
         path = Path(mode).expanduser()
-        if (path / "checkpoints").is_dir():          # a run dir: its newest valid checkpoint
+        if (path / "checkpoints").is_dir():          # a run dir: its newest valid checkpoint (read only)
             other = CheckpointManager(path, type(self.cfg)(resume="auto"), {}, self.rank, self.world, self.log)
-            found = other.select_resume()
+            found = other._newest_valid()
             if found is None:
                 raise ConfigError(f"checkpoint.resume={mode}: that run dir has no complete checkpoint")
             return found
@@ -251,6 +260,41 @@ class CheckpointManager:
         if reason:
             raise ConfigError(f"checkpoint.resume={mode} is unusable: {reason}")
         return path, self.read_manifest(path)
+
+    def _newest_valid(self) -> tuple[Path, dict] | None:
+        for path in reversed(self.complete_checkpoints()):
+            reason = self.verify(path)
+            if reason is None:
+                return path, self.read_manifest(path)
+            warnings.warn(f"checkpoint {path} is unusable ({reason}); falling back to the previous one")
+            self.log(f"WARNING: checkpoint {path.name} is unusable ({reason}); trying the previous one")
+        return None
+
+    # ---------------------------------------------------------------- LATEST / latest (rank 0 only)
+    def pointed_tags(self) -> tuple[str | None, str | None]:
+        """What LATEST and DeepSpeed's `latest` name now (None: no such file)."""
+        out = []
+        for name in (LATEST, DS_LATEST):
+            try:
+                out.append((self.dir / name).read_text().strip() or None)
+            except FileNotFoundError:
+                out.append(None)
+        return out[0], out[1]
+
+    def _point_latest(self, tag: str | None) -> None:
+        """Point LATEST and DeepSpeed's `latest` at `tag`, a COMPLETE checkpoint; None removes both.
+
+        Both get the same bytes, each through temp file + fsync + rename.  On a case-insensitive
+        file system (macOS, Windows shares) the two names are one file: the second write replaces
+        it with the same bytes, so either name reads the right tag; a removal removes it once.
+        """
+        if self.pointed_tags() == (tag, tag):
+            return
+        for name in (LATEST, DS_LATEST):
+            if tag is None:
+                (self.dir / name).unlink(missing_ok=True)
+            else:
+                _write_atomic(self.dir / name, tag + "\n")
 
     def prepare_load(self, found: tuple[Path, dict], ds_config: dict) -> tuple[Path, str, dict]:
         """Before the engine exists: decide how to load; convert for a new world size if needed.
@@ -314,6 +358,8 @@ class CheckpointManager:
                     g["lr"] = lrs[i]
             _unshare_optimizer_steps(engine.optimizer)
         ckpt = load_dir / tag
+        if Path(load_dir).resolve() == self.dir.resolve():
+            self._resumed_step = manifest["step"]   # this run's state on disk is that step's
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank_{self.rank:05d}.json"
         state = json.loads((own if same_world and own.exists() else ckpt / "rank_00000.json").read_text())
@@ -360,13 +406,13 @@ class CheckpointManager:
 
         Every rank writes its files and the ranks meet; what is left is rank 0's *finalization*:
         reading the files back for their CRC32s (the longest part after the write itself, ~0.2 s
-        per GiB), the manifest, the COMPLETE marker, the LATEST pointer, retention.  With
+        per GiB), the manifest, the COMPLETE marker, the LATEST and `latest` pointers, retention.  With
         ``wait=False`` that runs on a background thread of rank 0 while training goes on; until it
         is done the checkpoint has no COMPLETE marker, so a crash in between resumes from the
         previous one.  The next save, ``finish()`` and interpreter exit (the thread is not a
         daemon) wait for it; an error in it is raised there.
         """
-        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+        from beit_scale.train.parallelize import universal_checkpoint_client_state
         step = trainer.step
         tag = tag_for(step)
         path = self.dir / tag
@@ -374,20 +420,26 @@ class CheckpointManager:
             self._join_finalize()  # the previous save's retention must not race this one
             self.dir.mkdir(parents=True, exist_ok=True)
             if path.exists():  # leftover of a save that crashed (no COMPLETE) or a re-save: start clean
+                if tag in self.pointed_tags():  # never leave the pointers on a folder being replaced
+                    older = [p for p in self.complete_checkpoints()
+                             if p != path and self.verify(p, checksums=False) is None]
+                    self._point_latest(older[-1].name if older else None)
                 if (path / COMPLETE).exists():
                     (path / COMPLETE).unlink()
                 shutil.rmtree(path)
         _barrier()
         t0 = time.time()
         # client_state carries the key the universal converter requires for ZeRO 1/2.
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={UNIVERSAL_CHECKPOINT_INFO: {}},
+        # save_latest=False: DeepSpeed would write `latest` at the end of this call, before our
+        # COMPLETE exists; _finalize writes it after COMPLETE instead.
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=universal_checkpoint_client_state(),
                                save_latest=False)
         state = {"trainer": trainer.state_dict(), "rng": rng_state(),
                  "data_order": {"seed": self.config_dict.get("train", {}).get("seed"),
                                 "epoch": trainer.epoch, "offset": trainer.offset}}
         _write_atomic(path / f"rank_{self.rank:05d}.json", json.dumps(state))
         if tensors and self.rank == 0:
-            from beit_scale.train.export import save_safetensors
+            from beit_scale.io import save_safetensors
             save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path / TASK_STATE)
         _barrier()  # every rank's files are on disk (or in the page cache) from here on
         self._saved_step = step
@@ -412,7 +464,7 @@ class CheckpointManager:
         return path
 
     def _finalize(self, path: Path, manifest: dict, t0: float) -> None:
-        """Rank 0: CRC every file, then manifest -> COMPLETE -> LATEST, then retention."""
+        """Rank 0: CRC every file, then manifest -> COMPLETE -> LATEST + latest, then retention."""
         files = {}
         for f in sorted(path.rglob("*")):
             if f.is_file() and f.name not in (MANIFEST, COMPLETE) and not f.name.startswith("."):
@@ -420,8 +472,8 @@ class CheckpointManager:
         manifest = dict(manifest, files=files)
         _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
         _write_atomic(path / COMPLETE, f"{manifest['step']}\n")
-        _write_atomic(self.dir / LATEST, path.name + "\n")
-        self._retain()
+        self._point_latest(path.name)
+        self._retain(pinned=path)
         self.log(f"checkpoint saved: {path} ({sum(v['size'] for v in files.values()) / 2**20:.1f} MiB, "
                  f"{time.time() - t0:.1f}s)")
 
@@ -447,17 +499,24 @@ class CheckpointManager:
         _barrier()
 
     def last_saved_step(self) -> int | None:
-        """The newest step saved in this process (complete or being finalized), else on disk."""
-        saved = getattr(self, "_saved_step", None)
-        return saved if saved is not None else self.latest_step()
+        """The newest step saved in this process (complete or being finalized), else the step this
+        process resumed from out of this run's own checkpoints, else None.
 
-    def _retain(self) -> None:
-        """Keep the last keep_last complete checkpoints plus every keep_every-th step."""
+        Not the highest step on disk: after auto-resume fell back past a corrupted newest
+        checkpoint (or in a resume=none overwrite run) that folder is stale, and a run ending on
+        the same step must still save its own checkpoint instead of skipping it."""
+        saved = getattr(self, "_saved_step", None)
+        return saved if saved is not None else getattr(self, "_resumed_step", None)
+
+    def _retain(self, pinned: Path | None = None) -> None:
+        """Keep the last keep_last complete checkpoints plus every keep_every-th step, and `pinned`
+        (the one LATEST / latest name: it is not the highest step when newer folders of an
+        abandoned branch are on disk, e.g. after resuming from an explicitly chosen older one)."""
         complete = self.complete_checkpoints()
         if not complete:
             return
         newest = complete[-1]
-        keep = set(complete[-self.cfg.keep_last:]) | {newest}
+        keep = set(complete[-self.cfg.keep_last:]) | {newest} | ({pinned} if pinned is not None else set())
         if self.cfg.keep_every:
             keep |= {p for p in complete if step_of(p.name) % self.cfg.keep_every == 0}
         newest_step = step_of(newest.name)

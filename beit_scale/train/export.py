@@ -15,57 +15,8 @@ from pathlib import Path
 
 import torch
 
-from beit_scale.train.checkpoint import COMPLETE, MANIFEST, CheckpointManager
-
-
-def resolve_checkpoint(path: str | Path, checksums: bool = False) -> Path:
-    """A checkpoint folder from a run dir / checkpoints dir / checkpoint folder; checksums=True
-    also checks every file's CRC32 (a run dir then falls back past a corrupted newest one)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if p.name == "checkpoints" and p.is_dir():
-        cands = sorted((c for c in p.iterdir() if c.is_dir() and c.name.startswith("step_")
-                        and not c.name.endswith("_universal") and (c / COMPLETE).exists()),
-                       key=lambda c: int(c.name.split("_")[1]))
-        for c in reversed(cands):
-            if CheckpointManager.verify(c, checksums=checksums) is None:
-                return c
-        raise FileNotFoundError(f"{path}: no complete, intact checkpoint in {p} (saves that did not finish "
-                                f"have no {COMPLETE} marker; checksum failures are skipped too)")
-    if not (p / MANIFEST).exists():
-        raise FileNotFoundError(f"{path}: not a run dir or beit_scale checkpoint folder (no {MANIFEST})")
-    reason = CheckpointManager.verify(p, checksums=checksums)
-    if reason:
-        raise ValueError(f"{path}: checkpoint unusable: {reason}")
-    return p
-
-
-def consolidated_state_dict(path: str | Path, checksums: bool = False) -> tuple[dict, dict]:
-    ckpt = resolve_checkpoint(path, checksums=checksums)
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    if manifest["zero_stage"] == 0:
-        blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        sd = {k: v.float().contiguous() for k, v in sd.items()}
-    # Buffers (e.g. relative_position_index) are not in DeepSpeed's fp32 partitions; the model rebuilds them.
-    return sd, manifest
-
-
-def save_safetensors(sd: dict, out: str | Path, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(out)
-    return out
+from beit_scale.io import save_safetensors  # noqa: F401 - re-exported: callers import it from here
+from beit_scale.train.checkpoint_reader import consolidated_state_dict, resolve_checkpoint  # noqa: F401
 
 
 # ============================================================================ export to files
@@ -94,7 +45,7 @@ def build_stage_model(cfg):
     one that was trained.  A classify checkpoint also builds when beit_scale.train.finetune is
     not importable (zoo defaults + the model section of the config).
     """
-    from beit_scale.train.run import make_task
+    from beit_scale.train.stages import make_task
     try:
         return make_task(cfg).build_model()
     except ImportError:

@@ -85,7 +85,7 @@ def read_state_dict(source: str | Path) -> tuple[dict, str]:
                           f"checkpoint folder, an exported .safetensors file or a timm BEiT weights file, "
                           f"or init.from=scratch")
     if p.is_dir():
-        from beit_scale.train.export import consolidated_state_dict
+        from beit_scale.train.checkpoint_reader import consolidated_state_dict
         try:
             sd, manifest = consolidated_state_dict(p)
         except (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError) as e:

@@ -1,10 +1,13 @@
-"""Everything that wraps a plain model for distributed training, applied from outside, in order:
+"""The engine module: everything that wraps a plain model for distributed training, and the
+one place in the library that imports DeepSpeed (tests/test_layers.py checks that).
 
 1. `apply_activation_checkpointing(model, policy, impl)`: recompute chosen blocks in backward.
-2. `build_engine(model, optimizer, scheduler, ds_config)`: the DeepSpeed engine (ZeRO 0-3,
-   offload, fp16 loss scaling / bf16, gradient clipping) from the DeepSpeed JSON.
-
-The models never import DeepSpeed; this file and checkpoint.py are where it is touched.
+2. `init_distributed(timeout)`, `build_engine(model, optimizer, scheduler, ds_config, device)`: the
+   process group and the DeepSpeed engine (ZeRO 0-3, offload, fp16 loss scaling / bf16, gradient
+   clipping) from the DeepSpeed JSON, on the device this rank chose (beit_scale/dist/device.py).
+3. What the rest of the code asks of an engine beyond its own methods: loss scale, grad norm,
+   scheduler lag, the min-loss-scale abort, the full state dict, the optimizer class, ZeRO
+   checkpoint consolidation and the universal-checkpoint key.
 """
 from __future__ import annotations
 
@@ -100,6 +103,29 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def optimizer_class(ds_config: dict):
+    """AdamW, or DeepSpeed's CPU Adam when the optimizer state is offloaded to CPU (DeepSpeed
+    refuses a torch optimizer there unless zero_force_ds_cpu_optimizer is false)."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device") == "cpu" and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam
+    return torch.optim.AdamW
+
+
+def fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag: str) -> dict:
+    """The full fp32 weights of a ZeRO 1-3 checkpoint, merged from every rank's partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir), tag=tag)
+
+
+def universal_checkpoint_client_state() -> dict:
+    """client_state carrying the key DeepSpeed's universal-checkpoint converter requires for
+    ZeRO 1/2 checkpoints (elastic resume on another GPU count)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+    return {UNIVERSAL_CHECKPOINT_INFO: {}}
 
 
 def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, device: torch.device | None = None):

@@ -23,6 +23,7 @@ from pathlib import Path
 from beit_scale.config import (ConfigError, build_config, file_precision, load_deepspeed_json,
                                merge_deepspeed_config, set_precision, to_dict)
 from beit_scale.dist.device import check_precision
+from beit_scale.train.stages import make_task  # noqa: F401 - launch scripts and drivers call run.make_task
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_ERROR_EXIT = 2
@@ -149,16 +150,6 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
     return cfg, ds, run_dir
 
 
-def make_task(cfg, tokenizer_path=None):
-    from beit_scale.train import tasks
-    if cfg.stage == "tokenizer":
-        return tasks.TokenizerTask(cfg)
-    if cfg.stage == "mim":
-        return tasks.MIMTask(cfg, tokenizer_path)
-    from beit_scale.train.finetune import ClassifyTask
-    return ClassifyTask(cfg)
-
-
 def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     """Resume plan, process group, engine, loop.  Returns the trainer's final metrics."""
     from beit_scale.train.checkpoint import CheckpointManager
@@ -260,7 +251,7 @@ def _save_tokenizer_from_run(run_dir: Path, env) -> None:
     import torch.distributed as dist
     if env.rank == 0:
         from beit_scale.models.dvae import DVAE, DVAEConfig, save_tokenizer
-        from beit_scale.train.export import consolidated_state_dict
+        from beit_scale.train.checkpoint_reader import consolidated_state_dict
         from beit_scale.train.tasks import tokenizer_path_in
         from beit_scale.config import from_dict
         sd, manifest = consolidated_state_dict(run_dir)

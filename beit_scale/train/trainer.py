@@ -25,7 +25,8 @@ from beit_scale.train import optim as optim_lib
 from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
                                          agree_stop_and_clock)
 from beit_scale.train.parallelize import (apply_activation_checkpointing, build_engine, engine_grad_norm,
-                                          engine_loss_scale, is_min_loss_scale_error, scheduler_lag)
+                                          engine_loss_scale, is_min_loss_scale_error, optimizer_class,
+                                          scheduler_lag)
 from beit_scale.train.sampler import ResumableSampler, eval_keys
 
 log = logging.getLogger("beit_scale")
@@ -137,19 +138,11 @@ class Trainer:
             print("layer-wise lr decay groups:\n" + optim_lib.describe_groups(groups, cfg.optim.lr), flush=True)
         opt, sched = optim_lib.build_optimizer_and_schedule(
             groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps,
-            cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=self._optimizer_cls())
+            cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=optimizer_class(self.ds_config))
         self.engine = build_engine(model, opt, sched, self.ds_config, self.device)
         self.device = self.engine.device
         self.task.prepare(self.device)
         self.flops_per_sample = self.task.flops_per_sample()
-
-    def _optimizer_cls(self):
-        zero = self.ds_config.get("zero_optimization", {})
-        if zero.get("offload_optimizer", {}).get("device") == "cpu" and \
-                self.ds_config.get("zero_force_ds_cpu_optimizer", True):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-            return DeepSpeedCPUAdam
-        return torch.optim.AdamW
 
     def _loader(self, dataset, sampler_or_keys, batch_size, persistent: bool = False):
         nw = self.cfg.data.num_workers
