@@ -365,8 +365,6 @@ def dump_yaml(cfg: ExperimentCfg) -> str:
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
 
 def load_deepspeed_json(path: str | Path) -> dict:
     p = Path(path)

@@ -357,6 +357,12 @@ def validate_slurm_env(env: DistEnv, environ: Mapping[str, str] | None = None, *
         raise DistConfigError("inconsistent distributed job:\n  - " + "\n  - ".join(problems))
 
 
+def say_rank0(msg: str, err: bool = False) -> None:
+    """Print one line from global rank 0 only (RANK as exported by DistEnv.export or a launcher)."""
+    if os.environ.get("RANK", "0") in ("0", ""):
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def fail_fast(err: Exception, env: DistEnv, code: int = 2) -> NoReturn:
     """Rank 0 prints the message, every rank exits non-zero; no collective is entered."""
     if env.is_main:

@@ -47,17 +47,24 @@ def _rename(key: str, rules) -> str:
     return key
 
 
-def _unwrap(state_dict: Mapping) -> Mapping:
-    # Checkpoints from the official code / DeepSpeed nest the weights one level down.
-    for k in ("model", "module", "state_dict"):
-        if k in state_dict and isinstance(state_dict[k], Mapping):
-            state_dict = state_dict[k]
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema")
+
+
+def unwrap_state_dict(state_dict: Mapping) -> Mapping:
+    """The weights inside a checkpoint that nests them (the official BEiT code: "model" /
+    "model_ema"; DeepSpeed: "module"; Lightning-style: "state_dict"), level by level."""
+    while isinstance(state_dict, Mapping):
+        inner = next((state_dict[k] for k in WRAPPER_KEYS
+                      if k in state_dict and isinstance(state_dict[k], Mapping)), None)
+        if inner is None:
+            break
+        state_dict = inner
     return state_dict
 
 
 def from_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm ``Beit`` state dict -> a state dict for ``BeitClassifier`` (same tensors, renamed)."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     out = {}
     for k, v in sd.items():
         if _TIMM_DERIVED.search(k):
@@ -76,7 +83,7 @@ def to_timm(state_dict: Mapping[str, torch.Tensor], with_index: bool = False) ->
 
     MIM-only entries (mask_token, norm, lm_head) have no place in a timm classifier: ValueError.
     """
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     mim_only = [k for k in sd if k == "mask_token" or k.startswith(("lm_head.", "norm."))]
     if mim_only:
         raise ValueError(f"to_timm converts classifiers; these MIM-only keys have no timm "

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from beit_scale.io import save_safetensors  # noqa: F401 - re-exported: callers import it from here
 from beit_scale.train.checkpoint_reader import consolidated_state_dict, resolve_checkpoint  # noqa: F401
+
+if TYPE_CHECKING:
+    from beit_scale.models.config import BeitConfig
 
 
 # ============================================================================ export to files

@@ -19,7 +19,6 @@ Layer-wise lr decay needs nothing here: `optim.param_groups` reads `model.layer_
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from beit_scale.config import ConfigError, ExperimentCfg
+from beit_scale.dist.env import say_rank0 as _say
+from beit_scale.models.convert import unwrap_state_dict
 from beit_scale.train.tasks import Task, _model_dtype, count_flops, device_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,11 +39,6 @@ _DROPPABLE_KEYS = ("mask_token",)
 # Keys a fresh classifier may lack in the source: the new head, and fc_norm (a MIM model ends in
 # `norm`, which mean-pooling fine-tuning replaces by a freshly initialised fc_norm).
 _NEW_OK_PREFIXES = ("head.", "fc_norm.")
-
-
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- init.from
@@ -70,13 +66,6 @@ class InitReport:
                 "missing": self.missing, "unexpected": self.unexpected, "notes": self.notes}
 
 
-def _unwrap(sd):
-    for k in ("model", "module", "state_dict", "model_ema"):
-        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
-            return sd[k]
-    return sd
-
-
 def read_state_dict(source: str | Path) -> tuple[dict, str]:
     """Load the tensors behind `source` (fp32, CPU) and say what kind of source it was."""
     p = Path(source).expanduser()
@@ -98,7 +87,7 @@ def read_state_dict(source: str | Path) -> tuple[dict, str]:
             from safetensors.torch import load_file
             sd = load_file(str(p))
         elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            sd = _unwrap(torch.load(p, map_location="cpu", weights_only=True))
+            sd = unwrap_state_dict(torch.load(p, map_location="cpu", weights_only=True))
         else:
             raise ConfigError(f"init.from={source}: unknown file type {suffix!r}; expected .safetensors, "
                               f".pth, .pt or .bin (or a run dir / checkpoint folder)")

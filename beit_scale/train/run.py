@@ -17,12 +17,12 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 from beit_scale.config import (ConfigError, build_config, file_precision, load_deepspeed_json,
                                merge_deepspeed_config, set_precision, to_dict)
 from beit_scale.dist.device import check_precision
+from beit_scale.dist.env import say_rank0
 from beit_scale.train.stages import make_task  # noqa: F401 - launch scripts and drivers call run.make_task
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,11 +77,6 @@ def _dist_env():
     return env
 
 
-def _say(env, msg: str, err: bool = False) -> None:
-    if env.rank == 0:
-        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
-
-
 def device_plan(env):
     """This process's device: the one `setup_device` bound, else decided now (test drivers)."""
     from beit_scale.dist.device import current_plan, plan_device
@@ -129,7 +124,7 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
     if args.config is None and defaults is None:
         note = fit_embedded_batch(cfg, env.world_size, yaml_d, set_d)
         if note:
-            _say(env, note)
+            say_rank0(note)
     ds_raw = load_deepspeed_json(args.deepspeed_config)
     ds = merge_deepspeed_config(cfg, ds_raw, env.world_size, yaml_d, set_d)
     from beit_scale.dist.env import validate_slurm_env
@@ -143,7 +138,7 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
         from beit_scale.train.parallelize import device_supports
         if not device_supports(want):
             # Only where no GPU is expected (plan_device refuses CPU where one is): the demo on a laptop.
-            _say(env, f"note: the CPU cannot run {want}; running in fp32 instead")
+            say_rank0(f"note: the CPU cannot run {want}; running in fp32 instead")
             set_precision(ds, "fp32")
     cfg.precision = file_precision(ds)
     run_dir = Path(run_dir or args.run_dir or REPO / "runs" / f"{stage}_{cfg.model.name}")
@@ -163,7 +158,7 @@ def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     ds = copy.deepcopy(ds)
     plan = ckpt.prepare_load(found, ds) if found else None
     if found:
-        _say(env, f"resuming from {found[0]} (step {found[1]['step']})")
+        say_rank0(f"resuming from {found[0]} (step {found[1]['step']})")
     init_distributed(cfg.train.dist_timeout_min)
     return Trainer(cfg, task, ds, run_dir, ckpt, plan).fit()
 
@@ -177,7 +172,7 @@ def main(stage: str, argv=None, description: str = "") -> int:
         status = _main(stage, args, env)
     except (ConfigError, DistConfigError) as e:
         from beit_scale.dist.env import linger_before_error_exit
-        _say(env, "error: " + " ".join(str(e).split()), err=True)
+        say_rank0("error: " + " ".join(str(e).split()), err=True)
         if env.world_size > 1:  # let rank 0's message out before srun's kill-on-bad-exit
             linger_before_error_exit(1.0 if env.rank == 0 else 3.0)
         return CONFIG_ERROR_EXIT
@@ -200,13 +195,13 @@ def _main(stage: str, args, env) -> int:
                 # tokenizer at the wrong size.
                 from beit_scale.train.tasks import MIMTask
                 MIMTask(cfg, tokenizer_path).check_geometry()
-                _say(env, f"no tokenizer.checkpoint given: training the default tokenizer first in "
+                say_rank0(f"no tokenizer.checkpoint given: training the default tokenizer first in "
                           f"{tokenizer_path.parent} (cached there and reused next time)")
                 status = _train_tokenizer(args, env, run_dir / "tokenizer", cfg)
                 if status:
                     return status
             else:
-                _say(env, f"using the cached tokenizer {tokenizer_path}")
+                say_rank0(f"using the cached tokenizer {tokenizer_path}")
     task = make_task(cfg, tokenizer_path)
     result = train_stage(cfg, ds, run_dir, env, task)
     if result.get("diverged"):
@@ -217,7 +212,7 @@ def _main(stage: str, args, env) -> int:
         return 0
     if stage == "tokenizer":
         _save_tokenizer_from_run(run_dir, env)
-    _say(env, final_report(run_dir))
+    say_rank0(final_report(run_dir))
     return 0
 
 
@@ -240,7 +235,7 @@ def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
     if result.get("stopped"):
         return REQUEUE_EXIT_CODE
     if result.get("paused"):
-        _say(env, "the tokenizer stage stopped early (train.stop_at_step); run again to continue")
+        say_rank0("the tokenizer stage stopped early (train.stop_at_step); run again to continue")
         return 0
     _save_tokenizer_from_run(tok_dir, env)
     return 0

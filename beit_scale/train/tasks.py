@@ -34,8 +34,9 @@ from beit_scale.config import ConfigError, ExperimentCfg
 log = logging.getLogger(__name__)
 
 
-def resolve_data_root(cfg: ExperimentCfg) -> Path:
-    """The ImageFolder root (with train/ and val/ splits); the embedded dataset when unset."""
+def data_root_for(cfg: ExperimentCfg) -> Path:
+    """The ImageFolder root (with train/ and val/ splits) of a run, checked (ConfigError naming the
+    fix); the embedded dataset when data.path is unset."""
     if cfg.data.path:
         root = Path(cfg.data.path).expanduser()
         if not root.exists():
@@ -147,7 +148,7 @@ class Task(abc.ABC):
     def folder(self, split: str):
         if split not in self._folders:
             from beit_scale.data.datasets import SafeImageFolder
-            root = resolve_data_root(self.cfg)
+            root = data_root_for(self.cfg)
             path = root / split
             if not path.is_dir():
                 raise ConfigError(f"{path}: missing '{split}' split under data.path={root}")
@@ -159,7 +160,7 @@ class Task(abc.ABC):
 
     def preflight(self) -> None:
         if self.cfg.data.path:
-            resolve_data_root(self.cfg)
+            data_root_for(self.cfg)
             self.folder(self.cfg.data.train_split)  # raises on an empty dataset
 
     def prepare(self, device: torch.device) -> None:
@@ -293,11 +294,6 @@ class TokenizerTask(Task):
         grid = torchvision.utils.make_grid(torch.cat([img.float(), recon.float().clamp(0, 1)]).cpu(),
                                            nrow=len(img))
         writer.add_image("tokenizer/input_vs_reconstruction", grid, step)
-
-    def export(self, engine, path: Path) -> None:
-        """Write the tokenizer file the MIM stage loads (rank 0 only; weights gathered by caller)."""
-        from beit_scale.models.dvae import save_tokenizer
-        save_tokenizer(engine.module, path)
 
     def summary(self, m):
         return [f"tokenizer validation: reconstruction MSE {m['val_recon_mse']:.5f}, "
