@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .zoo import BeitConfig, resolve_config
+from .config import BeitConfig, resolve_config
 
 __all__ = [
     "BeitBackbone", "BeitClassifier", "BeitForMIM", "Block", "Attention", "RelativePositionBias",
@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 LN_EPS = 1e-6  # BEiT / timm use 1e-6, not PyTorch's 1e-5: matters for exact timm parity
+# Parameter dtypes for which a Block carries the residual stream in float32 (see Block).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def trunc_normal_(t: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
@@ -229,6 +231,8 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.norm1.weight.dtype in HALF_DTYPES:
+            return self._forward_fp32_residual(x, rel_pos_bias)
         a = self.attn(self.norm1(x), rel_pos_bias=rel_pos_bias)
         if self.gamma_1 is not None:
             a = self.gamma_1 * a
@@ -236,6 +240,29 @@ class Block(nn.Module):
         m = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             m = self.gamma_2 * m
+        return x + self.drop_path(m)
+
+    def _forward_fp32_residual(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block of a model cast to fp16/bf16 (DeepSpeed's fp16/bf16 modes cast everything).
+
+        The residual stream stays float32 and ``gamma * f(x)`` is computed in float32: with layer
+        scale 1e-5 (Large and up) the branch adds ~1e-5 relative to x, below half precision's
+        resolution (fp16 ulp at 1.0 is ~1e-3, bf16's ~8e-3), and 1e-5 itself is subnormal in fp16,
+        so an all-half block returns its input (almost) unchanged. The branches themselves (norm,
+        attention, MLP) run in the parameters' dtype as before. ``gamma.float() * a`` with ``a``
+        half is one mixed-dtype multiply computed in float32 that saves ``a`` in half for backward,
+        so the saved activations are as before (with activation checkpointing the saved block
+        inputs are float32). Output: float32; forward_features casts back after the last block.
+        Same idea as Megatron's fp32 residual connection, and what torch autocast (the BEiT
+        reference's AMP) does implicitly with fp32 weights. Measured: docs/gpu.md.
+        """
+        dt = self.norm1.weight.dtype
+        x = x.float()
+        a = self.attn(self.norm1(x.to(dt)), rel_pos_bias=rel_pos_bias)
+        a = self.gamma_1.float() * a if self.gamma_1 is not None else a.float()
+        x = x + self.drop_path(a)
+        m = self.mlp(self.norm2(x.to(dt)))
+        m = self.gamma_2.float() * m if self.gamma_2 is not None else m.float()
         return x + self.drop_path(m)
 
 
@@ -317,7 +344,11 @@ class BeitBackbone(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor,
                          bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Images [B, C, H, W] -> tokens [B, 1+N, D] after the last block (no final norm)."""
+        """Images [B, C, H, W] -> tokens [B, 1+N, D] after the last block (no final norm).
+
+        Returned in the parameters' dtype; in a half-precision model the residual stream between
+        the blocks is float32 (see ``Block._forward_fp32_residual``).
+        """
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
         if bool_masked_pos is not None:
             if getattr(self, "mask_token", None) is None:
@@ -330,8 +361,10 @@ class BeitBackbone(nn.Module):
             x = x + self.pos_embed
         rel = self.shared_rel_pos() if self.shared_rel_pos is not None else None
         for blk in self.blocks:
-            x = blk(x, rel_pos_bias=rel)
-        return x
+            x = blk(x, rel_pos_bias=rel)  # float32 between blocks when the model is half
+        # Back to the parameters' dtype for the heads (a no-op in float32, and under autocast,
+        # whose fp32 weights keep the stream in float32 by type promotion anyway).
+        return x.to(self.cls_token.dtype)
 
     # -- optimizer helpers -------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
