@@ -5,6 +5,7 @@ list order.  A callback that must survive a resume says so through `state_dict` 
 in the checkpoint manifest's "extra" under `key`) and `state_tensors` (stored in the checkpoint's
 task_state.safetensors; names must carry the callback's own prefix).
 
+  on_build_start(trainer)            before the model is built (nothing allocated for it yet)
   on_train_start(trainer)            engine built, resume loaded, before the first step
   on_step_end(trainer)               after each optimizer step (trainer.step already counts it)
   eval_batch(trainer, batch, n_valid) -> {name: sum tensor}   extra sums beside the task's
@@ -24,6 +25,9 @@ import torch.distributed as dist
 
 class Callback:
     key: str | None = None   # where its state_dict goes in the manifest's "extra" (None: nothing to keep)
+
+    def on_build_start(self, trainer) -> None:
+        pass
 
     def on_train_start(self, trainer) -> None:
         pass
@@ -48,6 +52,46 @@ class Callback:
 
     def load_state_tensors(self, tensors: dict) -> None:
         pass
+
+
+# ----------------------------------------------------------------------------- the trainer's own
+
+class ImageLogger(Callback):
+    """Every `every` steps, the task's pictures of the last batch (tokenizer: input vs
+    reconstruction) to tensorboard.  Runs on every rank: the task's forward may be a collective
+    (ZeRO-3); only rank 0 has a writer."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer) -> None:
+        if self.every and trainer.step % self.every == 0:
+            writer = trainer.metrics.tb if trainer.metrics is not None else None
+            trainer.task.log_images(writer, trainer.engine, trainer.last_batch, trainer.step)
+
+
+class CpuMemoryProbe(Callback):
+    """CPU only (scaling studies): the tensor high-water mark over the first `steps` steps,
+    from just before the model is built (train/mem_probe.py); then the profiler is stopped so the
+    measured steps run at full speed.  `peak_bytes` is None until it has a figure."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.probe = None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return None if self.probe is None else self.probe.peak_bytes
+
+    def on_build_start(self, trainer) -> None:
+        if trainer.device.type == "cpu" and self.steps > 0:
+            from beit_scale.train.mem_probe import CpuTensorHighWater
+            self.probe = CpuTensorHighWater().start()
+
+    def on_step_end(self, trainer) -> None:
+        if self.probe is not None and self.probe.running and \
+                (trainer.step >= self.steps or trainer.step == trainer.cfg.train.max_steps):
+            self.probe.stop()
 
 
 # ----------------------------------------------------------------------------- weight EMA

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from beit_scale.config import ExperimentCfg, dump_yaml
 from beit_scale.train import optim as optim_lib
+from beit_scale.train.callbacks import CpuMemoryProbe, ImageLogger
 from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
                                          agree_stop_and_clock)
 from beit_scale.train.parallelize import (apply_activation_checkpointing, build_engine, engine_grad_norm,
@@ -126,10 +127,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         # Memory held before the model exists (imports, process group): studies subtract it on CPU.
         self.mem_base = peak_memory(self.device)[0]
-        self.mem_probe = None
-        if self.device.type == "cpu" and cfg.train.cpu_mem_profile_steps > 0:
-            from beit_scale.train.mem_probe import CpuTensorHighWater
-            self.mem_probe = CpuTensorHighWater().start()
+        for cb in self.callbacks:
+            cb.on_build_start(self)
         model = self.task.build_model()
         self.ckpt_blocks = apply_activation_checkpointing(model, cfg.train.act_ckpt, cfg.train.act_ckpt_impl) \
             if hasattr(model, "blocks") else []
@@ -158,7 +157,7 @@ class Trainer:
 
     def _peak_memory(self) -> tuple[int, int, str]:
         """(peak bytes, bytes held before the model was built, what was measured)."""
-        if self.mem_probe is not None and self.mem_probe.peak_bytes is not None:
+        if self.mem_probe.peak_bytes is not None:
             return self.mem_probe.peak_bytes, 0, "cpu_tensor_peak"
         peak, kind = peak_memory(self.device)
         return peak, self.mem_base, kind
@@ -175,8 +174,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        self.mem_probe = CpuMemoryProbe(t.cpu_mem_profile_steps)
+        self.callbacks = [self.mem_probe, ImageLogger(t.image_log_every)] + self.task.callbacks()
         self._build()
-        self.callbacks = self.task.callbacks()
         resumed_from = None
         if self.resume is not None:
             resumed_from = self.ckpt.load(self.engine, self.resume, self)
@@ -255,18 +255,10 @@ class Trainer:
                 break
             self.step += 1
             self.samples_seen += t.global_batch
+            self.last_batch = batch
             for cb in self.callbacks:
                 cb.on_step_end(self)
             window_samples += t.global_batch
-            if self.mem_probe is not None and self.mem_probe.running and \
-                    (self.step >= t.cpu_mem_profile_steps or self.step == t.max_steps):
-                self.mem_probe.stop()
-
-            if t.image_log_every and self.step % t.image_log_every == 0:
-                # Every rank runs the forward (under ZeRO-3 it all-gathers partitioned weights);
-                # only rank 0 has a writer and draws.
-                self.task.log_images(self.metrics.tb if self.metrics is not None else None,
-                                     self.engine, batch, self.step)
 
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 record = self._reduce_metrics(sums, n_sums)
