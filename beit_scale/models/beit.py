@@ -440,13 +440,24 @@ class BeitForMIM(BeitBackbone):
         self.lm_head = nn.Linear(D, cfg.vocab_size)
         self.init_weights()
 
-    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the masked patches, [num_masked_total, vocab], row-major over (image, patch).
+
+        `masked_index` [B, K] (each row's masked positions, ascending), when every image has the
+        same K masked patches, selects them with a gather of known size; boolean indexing has to
+        read the count back from the device first (a host sync every step)."""
         B = x.shape[0]
         mask = bool_masked_pos.reshape(B, -1).bool()
         if mask.shape[1] != self.cfg.num_patches:
             raise ValueError(f"bool_masked_pos has {mask.shape[1]} positions per image, the model "
                              f"has {self.cfg.num_patches} patches ({self.cfg.grid_size} grid)")
-        tokens = self.forward_features(x, mask)
+        tokens = self.forward_features(x, mask)[:, 1:]
         # Project only the masked rows: the vocab head is the largest matmul of the model's output
         # side, and ~60% of its rows would be thrown away by the loss anyway.
-        return self.lm_head(self.norm(tokens[:, 1:][mask]))
+        if masked_index is not None:
+            D = tokens.shape[-1]
+            rows = tokens.gather(1, masked_index[..., None].expand(-1, -1, D)).reshape(-1, D)
+        else:
+            rows = tokens[mask]
+        return self.lm_head(self.norm(rows))

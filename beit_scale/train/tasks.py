@@ -88,12 +88,6 @@ def masked_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
     return key.sort(dim=1).values[:, :k]
 
 
-def _forward_takes(module: torch.nn.Module, name: str) -> bool:
-    import inspect
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def count_flops(fn) -> float | None:
@@ -322,7 +316,6 @@ class MIMTask(Task):
         self.tokenizer_path = Path(tokenizer_path or cfg.tokenizer.checkpoint) if \
             (tokenizer_path or cfg.tokenizer.checkpoint) else None
         self.tokenizer = None
-        self._takes_index = None  # does the model's forward accept `masked_index` (B, K)?
 
     def model_kwargs(self) -> dict:
         m = self.cfg.model
@@ -437,10 +430,7 @@ class MIMTask(Task):
         if k is not None:
             pos = masked_positions(mask, k)
             labels = ids.gather(1, pos).reshape(-1)  # == ids[mask]: same positions, same order
-            if self._takes_index is None:
-                self._takes_index = _forward_takes(engine.module, "masked_index")
-            if self._takes_index:
-                extra["masked_index"] = pos  # lets the model gather its masked rows without a sync
+            extra["masked_index"] = pos  # the model gathers its masked rows without a sync too
         else:
             labels = ids[mask]
         x = device_images(img, self.device, _model_dtype(engine.module), normalize=True)
