@@ -263,7 +263,7 @@ def test_tasks_convert_on_the_device_before_the_model(tiny_root):
             self.module = torch.nn.Linear(1, 1)  # fp32 "model": _model_dtype reads its parameters
             self.out = out
 
-        def forward(self, x, *rest):
+        def forward(self, x, *rest, **kw):
             seen["model"] = x
             return self.out(x, *rest)
 
