@@ -11,6 +11,7 @@ Pure Python on purpose: no torch or deepspeed import, so it is cheap to call fir
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -357,10 +358,33 @@ def validate_slurm_env(env: DistEnv, environ: Mapping[str, str] | None = None, *
         raise DistConfigError("inconsistent distributed job:\n  - " + "\n  - ".join(problems))
 
 
+class _ConsoleHandler(logging.Handler):
+    """Messages as plain lines: errors to stderr, the rest to stdout, looked up at each emit
+    (so a redirected sys.stdout, e.g. pytest's capture, is honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.ERROR else sys.stdout
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+def rank0_logger() -> logging.Logger:
+    """The one logger for run output ("beit_scale"): rank 0 prints, the other ranks stay quiet
+    (RANK as exported by DistEnv.export or set by a launcher; read at each call)."""
+    log = logging.getLogger("beit_scale")
+    if not any(isinstance(h, _ConsoleHandler) for h in log.handlers):
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if os.environ.get("RANK", "0") in ("0", "") else logging.CRITICAL + 1)
+    return log
+
+
 def say_rank0(msg: str, err: bool = False) -> None:
-    """Print one line from global rank 0 only (RANK as exported by DistEnv.export or a launcher)."""
-    if os.environ.get("RANK", "0") in ("0", ""):
-        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+    """One line from global rank 0 only (rank0_logger: stdout, or stderr when err)."""
+    log = rank0_logger()
+    (log.error if err else log.info)(msg)
 
 
 def fail_fast(err: Exception, env: DistEnv, code: int = 2) -> NoReturn:

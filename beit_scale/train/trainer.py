@@ -7,11 +7,9 @@ here branches on them.  Resume, signals and retention belong to the CheckpointMa
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from beit_scale.config import ExperimentCfg, dump_yaml
+from beit_scale.dist.env import rank0_logger
 from beit_scale.train import optim as optim_lib
 from beit_scale.train.callbacks import CpuMemoryProbe, ImageLogger
 from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
@@ -30,7 +29,12 @@ from beit_scale.train.parallelize import (apply_activation_checkpointing, build_
                                           scheduler_lag)
 from beit_scale.train.sampler import ResumableSampler, eval_keys
 
-log = logging.getLogger("beit_scale")
+log = rank0_logger()
+
+# Logged in metrics.jsonl but not repeated in the progress line (shown there in their own form
+# or too technical for it).
+_NOT_IN_PROGRESS_LINE = {"step", "epoch", "lr", "samples_per_sec", "skipped_steps", "tflops_per_device", "grad_norm",
+                         "loss", "step_time_s", "flops_per_sample"}
 
 
 def rank() -> int:
@@ -105,12 +109,16 @@ class MetricsWriter:
 
 class Trainer:
     def __init__(self, cfg: ExperimentCfg, task, ds_config: dict, run_dir: Path,
-                 ckpt: CheckpointManager, resume: tuple | None = None):
+                 ckpt: CheckpointManager, resume: tuple | None = None, engine_builder=build_engine):
+        """`engine_builder(model, optimizer, scheduler, ds_config, device)` makes the engine:
+        DeepSpeed's (parallelize.build_engine), or a stand-in with the same small interface in
+        unit tests (tests/test_trainer_unit.py), which need no process group."""
         self.cfg, self.task, self.ds_config, self.run_dir, self.ckpt = cfg, task, ds_config, run_dir, ckpt
-        self.resume = resume
+        self.resume, self.engine_builder = resume, engine_builder
         task.configure(run_dir=run_dir)  # tasks that write beside the checkpoints (best weights) need it
         self.rank, self.world = rank(), world()
         self.is_main = self.rank == 0
+        rank0_logger()  # its level follows RANK, exported by the launcher after this module was imported
         # The device this rank chose before the process group (beit_scale/dist/device.py); after
         # the engine exists it is the engine's (checked equal in build_engine).
         from beit_scale.dist.device import current_plan
@@ -133,12 +141,12 @@ class Trainer:
         self.ckpt_blocks = apply_activation_checkpointing(model, cfg.train.act_ckpt, cfg.train.act_ckpt_impl) \
             if hasattr(model, "blocks") else []
         groups = optim_lib.param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        if self.is_main and cfg.optim.layer_decay != 1.0:
-            print("layer-wise lr decay groups:\n" + optim_lib.describe_groups(groups, cfg.optim.lr), flush=True)
+        if cfg.optim.layer_decay != 1.0:
+            log.info("layer-wise lr decay groups:\n" + optim_lib.describe_groups(groups, cfg.optim.lr))
         opt, sched = optim_lib.build_optimizer_and_schedule(
             groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps,
             cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=optimizer_class(self.ds_config))
-        self.engine = build_engine(model, opt, sched, self.ds_config, self.device)
+        self.engine = self.engine_builder(model, opt, sched, self.ds_config, self.device)
         self.device = self.engine.device
         self.task.prepare(self.device)
         self.flops_per_sample = self.task.flops_per_sample()
@@ -173,169 +181,189 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
+        """Set up (build, resume, data), train until max_steps or a stop, finish."""
+        self._setup()
+        reason = self._train()
+        return self._finish(reason)
+
+    def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.mem_probe = CpuMemoryProbe(t.cpu_mem_profile_steps)
         self.callbacks = [self.mem_probe, ImageLogger(t.image_log_every)] + self.task.callbacks()
         self._build()
-        resumed_from = None
-        if self.resume is not None:
-            resumed_from = self.ckpt.load(self.engine, self.resume, self)
-            extra, tensors = self.ckpt.read_task_state(resumed_from)
-            self.task.load_extra_state(extra, tensors)
-            for cb in self.callbacks:
-                if cb.key is not None and extra.get(cb.key) is not None:
-                    cb.load_state_dict(extra[cb.key])
-                cb.load_state_tensors(tensors)
+        resumed_from = self._resume() if self.resume is not None else None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         self.metrics = MetricsWriter(self.run_dir, self.step if resumed_from else None) if self.is_main else None
 
-        train_ds = self.task.train_dataset()
-        sampler = ResumableSampler(len(train_ds), self.rank, self.world, t.seed)
-        accum = self.engine.gradient_accumulation_steps()
-        per_step = t.micro_batch * self.world
-        if len(train_ds) < t.global_batch:
-            raise ValueError(f"the training set has {len(train_ds)} images, fewer than one global batch "
+        self.train_ds = self.task.train_dataset()
+        if len(self.train_ds) < t.global_batch:
+            raise ValueError(f"the training set has {len(self.train_ds)} images, fewer than one global batch "
                              f"({t.global_batch}); lower train.global_batch or add data")
-
-        if self.is_main:
-            zero = self.engine.zero_optimization_stage()
-            prec = "fp16" if self.engine.fp16_enabled() else "bf16" if self.engine.bfloat16_enabled() else "fp32"
-            n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                           for p in self.engine.module.parameters())
-            print(f"[{self.task.name}] {cfg.model.name if self.task.name != 'tokenizer' else 'dVAE'}: "
-                  f"{n_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device.type} | ZeRO {zero} | {prec} | "
-                  f"global batch {t.global_batch} = {t.micro_batch} x {self.world} x {accum} | "
-                  f"{len(train_ds)} training images | act ckpt blocks {self.ckpt_blocks or 'none'}", flush=True)
-            if resumed_from:
-                print(f"resumed from {resumed_from} at step {self.step} (epoch {self.epoch}, "
-                      f"{self.offset} samples into it)", flush=True)
-
+        self.sampler = ResumableSampler(len(self.train_ds), self.rank, self.world, t.seed)
+        self.loader = self._loader(self.train_ds, self.sampler, t.micro_batch, persistent=True)
+        self.data_iter = None
+        self._banner(resumed_from)
         for cb in self.callbacks:
             cb.on_train_start(self)
-        signals = SignalFlag.install()
+
+    def _resume(self) -> Path:
+        resumed_from = self.ckpt.load(self.engine, self.resume, self)
+        extra, tensors = self.ckpt.read_task_state(resumed_from)
+        self.task.load_extra_state(extra, tensors)
+        for cb in self.callbacks:
+            if cb.key is not None and extra.get(cb.key) is not None:
+                cb.load_state_dict(extra[cb.key])
+            cb.load_state_tensors(tensors)
+        return resumed_from
+
+    def _banner(self, resumed_from) -> None:
+        t, e = self.cfg.train, self.engine
+        prec = "fp16" if e.fp16_enabled() else "bf16" if e.bfloat16_enabled() else "fp32"
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters())  # ZeRO-3: full size
+        name = self.cfg.model.name if self.task.name != "tokenizer" else "dVAE"
+        log.info(f"[{self.task.name}] {name}: {n_params / 1e6:.2f}M params | {self.world} rank(s) on "
+                 f"{self.device.type} | ZeRO {e.zero_optimization_stage()} | {prec} | global batch {t.global_batch} "
+                 f"= {t.micro_batch} x {self.world} x {e.gradient_accumulation_steps()} | {len(self.train_ds)} "
+                 f"training images | act ckpt blocks {self.ckpt_blocks or 'none'}")
+        if resumed_from:
+            log.info(f"resumed from {resumed_from} at step {self.step} (epoch {self.epoch}, "
+                     f"{self.offset} samples into it)")
+
+    def _train(self) -> str | None:
+        """The loop: step, log, evaluate, checkpoint.  Returns why it stopped early, or None."""
+        t = self.cfg.train
+        self.signals = SignalFlag.install()
         self.engine.train()
-        loader = self._loader(train_ds, sampler, t.micro_batch, persistent=True)
-        data_iter = None
-        window_start, window_samples = time.time(), 0
-        start_time, start_step = time.time(), self.step
-        sums: dict[str, torch.Tensor] = {}
-        n_sums = 0
-        stop_reason = None
+        self.window_start, self.window_samples = time.time(), 0
+        self.start_time, self.start_step = time.time(), self.step
+        self.sums, self.n_sums = {}, 0
         self.ckpt.start_clock()
+        try:
+            while self.step < t.max_steps:
+                if not self._train_step():
+                    return "diverged"
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self._log()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                    self.evaluate()
+                reason = self._checkpoint_or_stop()
+                if reason:
+                    return reason
+            return None
+        finally:
+            self.signals.restore()
 
-        while self.step < t.max_steps:
-            for _ in range(accum):
-                if data_iter is None:
-                    sampler.set_position(self.epoch, self.offset)
-                    data_iter = iter(loader)
-                batch = next(data_iter, None)
-                if batch is None:  # epoch finished
-                    self.epoch, self.offset = self.epoch + 1, 0
-                    sampler.set_position(self.epoch, 0)
-                    data_iter = iter(loader)
-                    batch = next(data_iter)
-                loss, m = self.task.step(self.engine, batch, self.step)
-                try:
-                    self.engine.backward(loss)
-                    self.engine.step()
-                except Exception as e:  # noqa: BLE001 - only DeepSpeed's min-loss-scale abort is handled
-                    if not is_min_loss_scale_error(e):
-                        raise
-                    stop_reason = "diverged"
-                    break
-                self.offset += per_step
-                m = dict(m, loss=loss.detach().float())
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float().to(self.device)
-                n_sums += 1
-            if stop_reason == "diverged":
-                break
-            self.step += 1
-            self.samples_seen += t.global_batch
-            self.last_batch = batch
-            for cb in self.callbacks:
-                cb.on_step_end(self)
-            window_samples += t.global_batch
+    def _next_batch(self):
+        """The next micro batch of this rank; a finished epoch moves the sampler to the next one."""
+        if self.data_iter is None:
+            self.sampler.set_position(self.epoch, self.offset)
+            self.data_iter = iter(self.loader)
+        batch = next(self.data_iter, None)
+        if batch is None:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self.sampler.set_position(self.epoch, 0)
+            self.data_iter = iter(self.loader)
+            batch = next(self.data_iter)
+        return batch
 
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                record = self._reduce_metrics(sums, n_sums)
-                sums, n_sums = {}, 0
-                elapsed = time.time() - window_start
-                sps = window_samples / max(elapsed, 1e-9)
-                record.update(step=self.step, epoch=self.epoch, lr=self.engine.get_lr()[0],
-                              samples_per_sec=sps, skipped_steps=int(self.engine.skipped_steps))
-                gn = engine_grad_norm(self.engine)
-                if gn is not None:
-                    record["grad_norm"] = gn
-                ls = engine_loss_scale(self.engine)
-                if ls is not None:
-                    record["loss_scale"] = ls
-                lag = scheduler_lag(self.engine, self.step)
-                if lag is not None:
-                    # fp16 skipped steps do not advance DeepSpeed's lr scheduler: the lr printed
-                    # here is the schedule's value `lag` steps behind train.step.
-                    record["sched_lag_steps"] = lag
-                peak, base, kind = self._peak_memory()
-                mem = torch.tensor([peak, base], dtype=torch.float64, device=self.device)
-                if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
-                    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-                record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
-                record["step_time_s"] = elapsed / max(window_samples / t.global_batch, 1)
-                if self.flops_per_sample:
-                    record["flops_per_sample"] = self.flops_per_sample
-                    record["tflops_per_device"] = self.flops_per_sample * sps / self.world / 1e12
-                window_start, window_samples = time.time(), 0
-                if self.is_main:
-                    self.metrics.write(record)
-                    done = self.step - start_step
-                    rate = (time.time() - start_time) / max(done, 1)
-                    extra = " ".join(f"{k} {record[k]:.4g}" for k in record
-                                     if k not in ("step", "epoch", "lr", "samples_per_sec", "skipped_steps",
-                                                  "tflops_per_device", "grad_norm", "loss", "step_time_s",
-                                                  "flops_per_sample") and
-                                     isinstance(record[k], float))
-                    print(f"[{self.task.name}] step {self.step}/{t.max_steps} ({100 * self.step / t.max_steps:.0f}%) "
-                          f"loss {record['loss']:.4f} {extra} lr {record['lr']:.2e} {sps:.1f} img/s "
-                          f"ETA {_fmt_time(rate * (t.max_steps - self.step))}", flush=True)
+    def _train_step(self) -> bool:
+        """One optimizer step (gradient accumulation inside); False if fp16 training diverged."""
+        t = self.cfg.train
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            batch = self._next_batch()
+            loss, m = self.task.step(self.engine, batch, self.step)
+            try:
+                self.engine.backward(loss)
+                self.engine.step()
+            except Exception as e:  # noqa: BLE001 - only DeepSpeed's min-loss-scale abort is handled
+                if not is_min_loss_scale_error(e):
+                    raise
+                return False
+            self.offset += t.micro_batch * self.world
+            for k, v in dict(m, loss=loss).items():
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float().to(self.device)
+            self.n_sums += 1
+        self.step += 1
+        self.samples_seen += t.global_batch
+        self.window_samples += t.global_batch
+        self.last_batch = batch
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        return True
 
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                self.evaluate()
+    def _log(self) -> None:
+        """metrics.jsonl, tensorboard and one progress line with the ETA (rank 0); every rank
+        takes part in the reductions."""
+        t, e = self.cfg.train, self.engine
+        record = self._reduce_metrics(self.sums, self.n_sums)
+        self.sums, self.n_sums = {}, 0
+        elapsed = time.time() - self.window_start
+        sps = self.window_samples / max(elapsed, 1e-9)
+        record.update(step=self.step, epoch=self.epoch, lr=e.get_lr()[0], samples_per_sec=sps,
+                      skipped_steps=int(e.skipped_steps))
+        for key, value in (("grad_norm", engine_grad_norm(e)), ("loss_scale", engine_loss_scale(e)),
+                           # fp16 skipped steps do not advance DeepSpeed's lr scheduler: the lr
+                           # logged is the schedule's value `lag` steps behind train.step.
+                           ("sched_lag_steps", scheduler_lag(e, self.step))):
+            if value is not None:
+                record[key] = value
+        peak, base, kind = self._peak_memory()
+        mem = torch.tensor([peak, base], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
+        record["step_time_s"] = elapsed / max(self.window_samples / t.global_batch, 1)
+        if self.flops_per_sample:
+            record["flops_per_sample"] = self.flops_per_sample
+            record["tflops_per_device"] = self.flops_per_sample * sps / self.world / 1e12
+        self.window_start, self.window_samples = time.time(), 0
+        if not self.is_main:
+            return
+        self.metrics.write(record)
+        rate = (time.time() - self.start_time) / max(self.step - self.start_step, 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in _NOT_IN_PROGRESS_LINE
+                         and isinstance(v, float))
+        log.info(f"[{self.task.name}] step {self.step}/{t.max_steps} ({100 * self.step / t.max_steps:.0f}%) "
+                 f"loss {record['loss']:.4f} {shown} lr {record['lr']:.2e} {sps:.1f} img/s "
+                 f"ETA {_fmt_time(rate * (t.max_steps - self.step))}")
 
-            # Signals and rank 0's checkpoint clock: one collective and one host sync every
-            # train.sync_every steps, not every step.
-            stop = clock = False
-            if self.step % t.sync_every == 0:
-                stop, clock = agree_stop_and_clock(signals, self.is_main and self.ckpt.clock_expired(), self.device)
-            planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
-            if stop or planned:
-                self._save()
-            elif clock or self.ckpt.due_by_steps(self.step):
-                self._save(wait=not cfg.checkpoint.background_finalize)
-            if stop or planned:
-                stop_reason = signals.name if stop else "stop_at_step"
-                break
+    def _checkpoint_or_stop(self) -> str | None:
+        """Save when due; on a signal or train.stop_at_step save and return why we stop.
 
-        if stop_reason is None or stop_reason == "diverged":
-            if self.ckpt.last_saved_step() != self.step:
-                self._save()
-        signals.restore()
-        if stop_reason == "diverged":
+        Signals and rank 0's checkpoint clock cost one collective and one host sync every
+        train.sync_every steps, not every step."""
+        t = self.cfg.train
+        stop = clock = False
+        if self.step % t.sync_every == 0:
+            stop, clock = agree_stop_and_clock(self.signals, self.is_main and self.ckpt.clock_expired(), self.device)
+        planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
+        if stop or planned:
+            self._save()
+            return self.signals.name if stop else "stop_at_step"
+        if clock or self.ckpt.due_by_steps(self.step):
+            self._save(wait=not self.cfg.checkpoint.background_finalize)
+        return None
+
+    def _finish(self, reason: str | None) -> dict:
+        """The last save, the final evaluation when training is done, and what the launcher needs."""
+        t = self.cfg.train
+        if reason in (None, "diverged") and self.ckpt.last_saved_step() != self.step:
+            self._save()
+        if reason == "diverged":
             return self._diverged()
-        if stop_reason == "stop_at_step":
-            if self.is_main:
-                print(f"stopped at train.stop_at_step={t.stop_at_step} with a checkpoint; run the same "
-                      f"command without it to continue", flush=True)
+        if reason == "stop_at_step":
+            log.info(f"stopped at train.stop_at_step={t.stop_at_step} with a checkpoint; run the same "
+                     f"command without it to continue")
             self._close()
             return {"paused": True, "step": self.step}
-        if stop_reason is not None:
-            if self.is_main:
-                print(f"received {stop_reason}: saved step {self.step}; exiting with status {REQUEUE_EXIT_CODE} "
-                      f"so the scheduler can requeue", flush=True)
+        if reason is not None:
+            log.info(f"received {reason}: saved step {self.step}; exiting with status {REQUEUE_EXIT_CODE} "
+                     f"so the scheduler can requeue")
             self._close()
-            return {"stopped": stop_reason, "step": self.step}
+            return {"stopped": reason, "step": self.step}
         final = self.evaluate()
         self._close()
         return final
@@ -344,13 +372,11 @@ class Trainer:
         """DeepSpeed's fp16 loss scale sat at min_loss_scale and overflowed again: it raises there
         instead of skipping.  The weights are those of the last finished step (the failed one made
         no update); they were saved just before this, so nothing is lost."""
-        if self.is_main:
-            scale = engine_loss_scale(self.engine)
-            print(f"error: fp16 gradients overflowed at the minimum loss scale ({scale}) during step "
-                  f"{self.step + 1}: training has diverged. Saved step {self.step} in {self.ckpt.dir}. "
+        log.error(f"error: fp16 gradients overflowed at the minimum loss scale ({engine_loss_scale(self.engine)}) "
+                  f"during step {self.step + 1}: training has diverged. Saved step {self.step} in {self.ckpt.dir}. "
                   f"Resume from it with a lower optim.lr, bf16 (--set precision=bf16 on A100/H100), or a "
                   f"lower min_loss_scale in the DeepSpeed file; exiting with status {DIVERGED_EXIT_CODE} "
-                  f"(not requeued)", file=sys.stderr, flush=True)
+                  f"(not requeued)")
         self._close()
         return {"diverged": True, "step": self.step}
 
@@ -403,7 +429,7 @@ class Trainer:
         if self.is_main:
             self.metrics.write(dict(result, step=self.step), prefix="eval")
             for line in self.task.summary(result):
-                print(line, flush=True)
+                log.info(line)
         return result
 
     def _close(self) -> None:
