@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from beit_scale.io import atomic_write_text
 
 
 class Callback:
@@ -217,10 +218,9 @@ class BestWeights(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             sd = {k: v for k, v in sd.items() if not k.endswith(".index")}  # derived buffers
             save_safetensors(sd, self.path, metadata=dict(self.metadata, step=info["step"]))
-            tmp = self.path.parent / ".best.json.tmp"
-            tmp.write_text(json.dumps(dict(info, model=self.metadata.get("model"), weights=str(self.path)),
-                                      indent=2))
-            os.replace(tmp, self.path.parent / "best.json")
+            atomic_write_text(self.path.parent / "best.json",
+                              json.dumps(dict(info, model=self.metadata.get("model"), weights=str(self.path)),
+                                         indent=2))
         if dist.is_initialized():  # the file exists for every rank once this returns
             dist.barrier()
 

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from beit_scale.config import ConfigError
+from beit_scale.io import atomic_write_text
 
 REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
 DIVERGED_EXIT_CODE = 4         # "training diverged (fp16 overflow at the minimum loss scale); saved; do not requeue"
@@ -84,12 +85,7 @@ def file_crc32(path: Path) -> int:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)  # one name for the tests that watch every pointer write
 
 
 def _barrier() -> None:

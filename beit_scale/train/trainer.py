@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from beit_scale.config import ExperimentCfg, dump_yaml
 from beit_scale.dist.env import rank0_logger
+from beit_scale.io import atomic_write_text
 from beit_scale.train import optim as optim_lib
 from beit_scale.train.callbacks import CpuMemoryProbe, ImageLogger
 from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
@@ -84,9 +84,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(run_dir / "tensorboard"),
                                 purge_step=None if resume_step is None else resume_step + 1)

