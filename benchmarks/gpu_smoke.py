@@ -341,6 +341,19 @@ def _check_result(res: dict) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # check 1: environment
 # ----------------------------------------------------------------------------------------------
+def _basic_problems(res: dict, train: list, expected_steps: int, fig: dict) -> list[str]:
+    """What every training check fails on: the run's own error, missing steps, a non-finite loss."""
+    problems = []
+    early = _check_result(res)
+    if early:
+        problems.append(early)
+    if len(train) != expected_steps:
+        problems.append(f"{len(train)} of {expected_steps} steps logged")
+    if not fig.get("all_finite"):
+        problems.append("non-finite loss")
+    return problems
+
+
 def _nvidia_smi() -> dict:
     exe = shutil.which("nvidia-smi")
     if not exe:
@@ -655,14 +668,7 @@ def check_mim(ctx: Ctx, want: str) -> dict:
     fig = {"precision": prec, "zero": 2, "model": s.model, "micro_batch": s.mb, "steps": s.steps,
            "data_workers": s.workers, "wall_s": res["wall_s"], **_losses_summary(train)}
     fig.update(_perf_and_memory(ctx, res, run_dir, 2, False, s.mb))
-    problems = []
-    early = _check_result(res)
-    if early:
-        problems.append(early)
-    if len(train) != s.steps:
-        problems.append(f"{len(train)} of {s.steps} steps logged")
-    if not fig.get("all_finite"):
-        problems.append("non-finite loss")
+    problems = _basic_problems(res, train, s.steps, fig)
     if not fig.get("loss_falling"):
         problems.append(f"loss not falling ({_fmt(fig.get('loss_first'))} -> {_fmt(fig.get('loss_last'))})")
     if fig.get("skipped_steps", 0) * 2 >= max(1, s.steps):
@@ -740,14 +746,7 @@ def check_tokenizer(ctx: Ctx) -> dict:
     fig = {"precision": prec, "steps": s.tok_steps, "micro_batch": mb, **_losses_summary(train)}
     last = train[-1] if train else {}
     fig.update({k: last.get(k) for k in ("recon", "kl", "perplexity", "codes_used", "samples_per_sec")})
-    problems = []
-    early = _check_result(res)
-    if early:
-        problems.append(early)
-    if len(train) != s.tok_steps:
-        problems.append(f"{len(train)} of {s.tok_steps} steps logged")
-    if not fig.get("all_finite"):
-        problems.append("non-finite loss")
+    problems = _basic_problems(res, train, s.tok_steps, fig)
     # The launcher's last step for this stage: consolidate the checkpoint into the file MIM loads.
     from beit_scale.train import run
     from beit_scale.train.tasks import read_tokenizer_meta, tokenizer_path_in
@@ -801,14 +800,7 @@ def check_finetune(ctx: Ctx) -> dict:
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     fig["ema_in_checkpoint"] = bool(ckpts) and any((c / "task_state.safetensors").exists() for c in ckpts)
     fig["samples_per_sec"] = train[-1].get("samples_per_sec") if train else None
-    problems = []
-    early = _check_result(res)
-    if early:
-        problems.append(early)
-    if len(train) != s.short:
-        problems.append(f"{len(train)} of {s.short} steps logged")
-    if not fig.get("all_finite"):
-        problems.append("non-finite loss")
+    problems = _basic_problems(res, train, s.short, fig)
     if not fig.get("init_loaded"):
         problems.append(f"no weights loaded from {src}")
     if fig["val_top1_ema"] is None:
@@ -835,14 +827,7 @@ def check_zero3(ctx: Ctx) -> dict:
     cfg_path = run_dir / "ds_config.json"
     if cfg_path.exists():
         fig["ds_zero_stage"] = json.loads(cfg_path.read_text()).get("zero_optimization", {}).get("stage")
-    problems = []
-    early = _check_result(res)
-    if early:
-        problems.append(early)
-    if len(train) != s.short:
-        problems.append(f"{len(train)} of {s.short} steps logged")
-    if not fig.get("all_finite"):
-        problems.append("non-finite loss")
+    problems = _basic_problems(res, train, s.short, fig)
     if fig.get("ds_zero_stage") != 3:
         problems.append(f"ran with ZeRO stage {fig.get('ds_zero_stage')}")
     notes = [fig["mfu_note"]] if fig.get("mfu_note") else []
