@@ -364,7 +364,7 @@ class CheckpointManager:
             set_rng_state(state["rng"])
         else:
             # A different world has different RNG streams anyway; seed from the step.
-            seed = manifest.get("seed", 0) + 1000003 * trainer.step + self.rank
+            seed = manifest.get("seed", 0) + 1000003 * int(state["trainer"]["step"]) + self.rank
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
@@ -409,7 +409,8 @@ class CheckpointManager:
         daemon) wait for it; an error in it is raised there.
         """
         from beit_scale.train.parallelize import universal_checkpoint_client_state
-        step = trainer.step
+        progress = trainer.state_dict()   # step, epoch, offset, samples_seen: all the manager reads of it
+        step = progress["step"]
         tag = tag_for(step)
         path = self.dir / tag
         if self.rank == 0:
@@ -430,9 +431,9 @@ class CheckpointManager:
         # COMPLETE exists; _finalize writes it after COMPLETE instead.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=universal_checkpoint_client_state(),
                                save_latest=False)
-        state = {"trainer": trainer.state_dict(), "rng": rng_state(),
+        state = {"trainer": progress, "rng": rng_state(),
                  "data_order": {"seed": self.config_dict.get("train", {}).get("seed"),
-                                "epoch": trainer.epoch, "offset": trainer.offset}}
+                                "epoch": progress["epoch"], "offset": progress["offset"]}}
         _write_atomic(path / f"rank_{self.rank:05d}.json", json.dumps(state))
         if tensors and self.rank == 0:
             from beit_scale.io import save_safetensors
@@ -442,7 +443,8 @@ class CheckpointManager:
         if self.rank == 0:
             manifest = {
                 "format": "beit_scale-checkpoint-v1", "tag": tag, "step": step,
-                "samples_seen": trainer.samples_seen, "epoch": trainer.epoch, "offset_in_epoch": trainer.offset,
+                "samples_seen": progress["samples_seen"], "epoch": progress["epoch"],
+                "offset_in_epoch": progress["offset"],
                 "world_size": self.world, "zero_stage": engine.zero_optimization_stage(),
                 "precision": "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32",
                 "seed": self.config_dict.get("train", {}).get("seed", 0),
