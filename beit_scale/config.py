@@ -1,8 +1,11 @@
 """Typed experiment configuration.
 
-One dataclass tree describes an experiment (model, data, optimisation, schedule, checkpointing).
-YAML files fill it and `--set dotted.key=value` overrides it; unknown keys, wrong types and
-inconsistent values raise `ConfigError` *before* any process group starts.
+One tree of pydantic models describes an experiment (model, data, optimisation, schedule,
+checkpointing).  YAML files fill it and `--set dotted.key=value` overrides it; unknown keys, wrong
+types and inconsistent values raise `ConfigError` *before* any process group starts.  Types, choices
+(`Literal`) and bounds are declared on the fields; rules across fields are `model_validator`s; the
+one rule that needs the world size is in `validate(cfg, world_size)`.  Assignments are validated
+too (`cfg.precision = "fp8"` raises); rules across fields run at construction and in `validate`.
 
 Parallelism and precision live in the DeepSpeed JSON (ds_configs/); `merge_deepspeed_config`
 fills the batch fields of that JSON from the experiment and refuses values set differently in
@@ -11,211 +14,264 @@ both places instead of silently picking one.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the key and the fix."""
 
 
-@dataclass
-class ModelCfg:
-    name: str = "beit_tiny"
-    drop_path: Optional[float] = None          # None: the zoo default
-    layer_scale_init: Optional[float] = None   # None: the zoo default (0.1 base, 1e-5 large+)
-    rel_pos_bias: Optional[str] = None         # layer | shared | none; None: task default
-    img_size: int = 224
-    num_classes: int = 10
+def _number(kind: str):
+    """Pydantic's lax mode reads true/false as 1/0; a boolean where a number belongs is a mistake.
+    For optional numbers, YAML's null and the words none/null (from --set) mean None."""
+    def check(v):
+        if isinstance(v, bool):
+            raise PydanticCustomError(f"{kind}_type", "not a number")
+        if kind == "optional" and isinstance(v, str) and v.strip().lower() in ("none", "null", "~"):
+            return None
+        return v
+    return BeforeValidator(check)
 
 
-@dataclass
-class DataCfg:
-    path: Optional[str] = None                 # ImageFolder root; None: the embedded dataset
-    num_workers: int = 2
-    input_size: int = 224                      # backbone view
-    second_input_size: int = 112               # tokenizer view
-    num_mask_patches: int = 75
-    min_mask_patches: int = 16
-    crop_min_scale: float = 0.08
-    color_jitter: float = 0.4
+Int = Annotated[int, _number("int")]
+Float = Annotated[float, _number("float")]
+OptFloat = Annotated[Optional[float], _number("optional")]
+Beta = Annotated[float, _number("float"), Field(ge=0, lt=1)]
+Stage = Literal["tokenizer", "mim", "classify"]
+Precision = Literal["fp32", "fp16", "bf16"]
+STAGES, PRECISIONS = typing.get_args(Stage), typing.get_args(Precision)
+
+
+class _Section(BaseModel):
+    # coerce_numbers_to_str: `--set model.name=123` or a numeric path is a string, as YAML meant it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              coerce_numbers_to_str=True)
+
+    # An assignment raises ConfigError too, naming the key as YAML does (`cfg.train.max_steps = 0`:
+    # train.max_steps).  (Not __init__: pydantic would then call it for every nested section.)
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise _config_error(e, _SECTION_PATH.get(type(self), ())) from None
+
+
+class ModelCfg(_Section):
+    name: str = Field("beit_tiny", description="a zoo model (beit_scale/models/zoo.py); dvae for the tokenizer stage")
+    drop_path: OptFloat = Field(None, ge=0, lt=1, description="stochastic depth rate; None: the zoo default")
+    layer_scale_init: OptFloat = Field(None, ge=0, description="None: the zoo default (0.1 base, 1e-5 large+); "
+                                                               "0: no layer scale")
+    rel_pos_bias: Optional[Literal["layer", "shared", "none"]] = Field(None, description="None: the task default")
+    img_size: Int = Field(224, gt=0)
+    num_classes: Int = Field(10, gt=0)
+
+
+class DataCfg(_Section):
+    path: Optional[str] = Field(None, description="ImageFolder root; None: the embedded dataset")
+    num_workers: Int = Field(2, ge=0)
+    input_size: Int = Field(224, gt=0, description="backbone view")
+    second_input_size: Int = Field(112, gt=0, description="tokenizer view")
+    # The upper bound depends on the model's patch size (16, or 14 for the giant), which lives in
+    # the zoo above this layer: MIMTask.check_geometry checks it, with the tokenizer grid.
+    num_mask_patches: Int = Field(75, ge=0, description="masked patches per image, MIM only")
+    min_mask_patches: Int = Field(16, ge=1, description="smallest masking block, MIM only")
+    crop_min_scale: Float = Field(0.08, gt=0, le=1)
+    color_jitter: Float = Field(0.4, ge=0)
     train_split: str = "train"
     val_split: str = "val"
 
 
-@dataclass
-class TokenizerCfg:
-    checkpoint: Optional[str] = None           # a trained tokenizer (.safetensors); None: train one
-    vocab_size: int = 8192
-    hidden_dim: int = 64
-    temperature_start: float = 1.0
-    temperature_end: float = 0.0625
-    kl_weight: float = 1e-3
+class TokenizerCfg(_Section):
+    checkpoint: Optional[str] = Field(None, description="a trained tokenizer (.safetensors); None: train one")
+    vocab_size: Int = Field(8192, gt=0)
+    hidden_dim: Int = Field(64, gt=0)
+    temperature_start: Float = Field(1.0, gt=0)
+    temperature_end: Float = Field(0.0625, gt=0)
+    kl_weight: Float = Field(1e-3, ge=0)
 
 
-@dataclass
-class TrainCfg:
-    max_steps: int = 300
-    global_batch: int = 32
-    micro_batch: int = 16
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0                        # 0: only at the end
-    eval_batches: int = 8
-    act_ckpt: str = "none"                     # none | all | every_N  (e.g. every_2)
-    act_ckpt_impl: str = "torch"               # torch | deepspeed
-    image_log_every: int = 100
-    stop_at_step: int = 0                      # >0: checkpoint and stop there (schedule still spans max_steps)
-    cpu_mem_profile_steps: int = 0             # CPU: track tensor memory (torch profiler) for the first N steps
-    sync_every: int = 10                       # steps between the ranks' agreement on signals + checkpoint clock
-    dist_timeout_min: float = 60.0             # process-group timeout: how long a collective waits for a late rank
+class TrainCfg(_Section):
+    max_steps: Int = Field(300, gt=0)
+    global_batch: Int = Field(32, gt=0)
+    micro_batch: Int = Field(16, gt=0)
+    seed: Int = 0
+    log_every: Int = Field(10, gt=0)
+    eval_every: Int = Field(0, ge=0, description="0: only at the end")
+    eval_batches: Int = Field(8, ge=0, description="0: the whole validation split")
+    act_ckpt: str = Field("none", description="activation checkpointing: none | all | every_N (e.g. every_2)")
+    act_ckpt_impl: Literal["torch", "deepspeed"] = "torch"
+    image_log_every: Int = Field(100, ge=0)
+    stop_at_step: Int = Field(0, ge=0, description=">0: checkpoint and stop there (schedule still spans max_steps)")
+    cpu_mem_profile_steps: Int = Field(0, ge=0, description="CPU: track tensor memory with the torch profiler "
+                                                            "for the first N steps; 0 = off")
+    sync_every: Int = Field(10, gt=0, description="steps between the ranks' check for stop signals and the "
+                                                  "checkpoint clock")
+    dist_timeout_min: Float = Field(60.0, gt=0, description="minutes a collective waits for a late rank; 60 suits "
+                                                            "64 ranks scanning ImageNet on a shared filesystem")
+
+    @field_validator("act_ckpt")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if v not in ("none", "all") and not (v.startswith("every_") and v[6:].isdigit() and int(v[6:]) > 0):
+            raise ValueError(f"train.act_ckpt={v!r}: use none, all, or every_N (e.g. every_2)")
+        return v
 
 
-@dataclass
-class OptimCfg:
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    layer_decay: float = 1.0                   # 1.0 = off; fine-tuning uses 0.65 (base) / 0.75 (large)
-    clip_grad: Optional[float] = None          # if set, must equal the DeepSpeed file's gradient_clipping
+class OptimCfg(_Section):
+    lr: Float = Field(1.5e-3, gt=0)
+    min_lr: Float = Field(1e-5, ge=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    warmup_steps: Int = Field(20, ge=0)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2)")
+    eps: Float = Field(1e-8, gt=0)
+    layer_decay: Float = Field(1.0, gt=0, le=1, description="1.0 = off; fine-tuning uses 0.65 (base) / 0.75 (large)")
+    clip_grad: OptFloat = Field(None, ge=0, description="if set, must equal the DeepSpeed file's gradient_clipping")
 
 
-@dataclass
-class CheckpointCfg:
-    every_steps: int = 0                       # 0: off
-    every_minutes: float = 0.0                 # 0: off
-    keep_last: int = 2
-    keep_every: int = 0                        # additionally keep every K-th step (0: off)
-    resume: str = "auto"                       # auto | none | PATH
-    overwrite: bool = False                    # allow resume=none in a run dir that has checkpoints
-    background_finalize: bool = True           # periodic saves: CRC + manifest + COMPLETE on a thread
+class CheckpointCfg(_Section):
+    every_steps: Int = Field(0, ge=0, description="0: off")
+    every_minutes: Float = Field(0.0, ge=0, description="0: off")
+    keep_last: Int = Field(2, ge=2, description="keep at least 2 so a crash during a save never leaves you without "
+                                                "a complete checkpoint")
+    keep_every: Int = Field(0, ge=0, description="additionally keep every K-th step (0: off)")
+    resume: str = Field("auto", description="auto | none | PATH")
+    overwrite: bool = Field(False, description="allow resume=none in a run dir that has checkpoints")
+    background_finalize: bool = Field(True, description="periodic saves: CRC + manifest + COMPLETE on a thread")
 
 
-@dataclass
-class InitCfg:
-    # "from" is a Python keyword; YAML/--set use `init.from`, mapped to `from_`.
-    from_: Optional[str] = None                # run dir | checkpoint folder | .safetensors | timm file
+class InitCfg(_Section):
+    # "from" is a Python keyword: YAML/--set/to_dict use `init.from`, Python code `cfg.init.from_`.
+    from_: Optional[str] = Field(None, alias="from",
+                                 description="run dir | checkpoint folder | .safetensors | timm file")
 
 
-@dataclass
-class FinetuneCfg:
+class FinetuneCfg(_Section):
     # Classification fine-tuning only (stage classify); 0 / false switches each one off.
-    mixup: float = 0.0                         # mixup alpha (paper recipe: 0.8)
-    cutmix: float = 0.0                        # cutmix alpha (paper recipe: 1.0)
-    mixup_prob: float = 1.0                    # probability of mixing a batch at all
-    mixup_switch_prob: float = 0.5             # probability of cutmix instead of mixup when both are on
-    label_smoothing: float = 0.0               # paper recipe: 0.1
-    ema: bool = False                          # keep an exponential moving average of the weights (ZeRO 0-2)
-    ema_decay: float = 0.9999
-    linear_probe: bool = False                 # freeze the backbone; train fc_norm + head only
-    rand_augment: Optional[str] = None         # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1
+    mixup: Float = Field(0.0, ge=0, description="mixup alpha; paper recipe: 0.8")
+    cutmix: Float = Field(0.0, ge=0, description="cutmix alpha; paper recipe: 1.0")
+    mixup_prob: Float = Field(1.0, ge=0, le=1, description="probability of mixing a batch at all")
+    mixup_switch_prob: Float = Field(0.5, ge=0, le=1,
+                                     description="probability of cutmix instead of mixup when both are on")
+    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="paper recipe: 0.1")
+    ema: bool = Field(False, description="keep an exponential moving average of the weights (ZeRO 0-2)")
+    ema_decay: Float = Field(0.9999, gt=0, lt=1)
+    linear_probe: bool = Field(False, description="freeze the backbone; train fc_norm + head only")
+    rand_augment: Optional[str] = Field(None, description="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1")
 
 
-@dataclass
-class ExperimentCfg:
-    stage: str = "mim"                         # tokenizer | mim | classify
-    precision: Optional[str] = None            # fp32 | fp16 | bf16; None: the DeepSpeed file decides
-    model: ModelCfg = field(default_factory=ModelCfg)
-    data: DataCfg = field(default_factory=DataCfg)
-    tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    optim: OptimCfg = field(default_factory=OptimCfg)
-    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
-    init: InitCfg = field(default_factory=InitCfg)
-    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+class ExperimentCfg(_Section):
+    stage: Stage = "mim"
+    precision: Optional[Precision] = Field(None, description="None: the DeepSpeed file decides")
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+    init: InitCfg = Field(default_factory=InitCfg)
+    finetune: FinetuneCfg = Field(default_factory=FinetuneCfg)
+
+    # Rules across fields live here, not on TrainCfg: run.fit_embedded_batch assigns
+    # `t.global_batch, t.micro_batch = ...` one at a time, and the state in between may break them.
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentCfg":
+        t, f = self.train, self.finetune
+        problems = []
+        if t.global_batch % t.micro_batch:
+            problems.append(f"train.global_batch={t.global_batch} is not a multiple of "
+                            f"train.micro_batch={t.micro_batch}")
+        if self.stage == "classify" and (f.mixup > 0 or f.cutmix > 0) and t.micro_batch % 2:
+            problems.append(f"mixup/cutmix mix each sample with its mirror in the batch and need an even "
+                            f"train.micro_batch (got {t.micro_batch})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
-STAGES = ("tokenizer", "mim", "classify")
-PRECISIONS = ("fp32", "fp16", "bf16")
-_KEY_ALIASES = {"from": "from_"}
+_SECTION_PATH = {info.annotation: (key,) for key, info in ExperimentCfg.model_fields.items()
+                 if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+
+
+# ----------------------------------------------------------------------------- errors
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true/false", "string": "a string",
+             "tuple": "a list", "list": "a list", "model": "a mapping of keys", "dict": "a mapping of keys"}
+
+
+def _fields(cls) -> dict:
+    """The keys of a section as YAML spells them (`from`, not `from_`) -> FieldInfo."""
+    return {info.alias or name: info for name, info in cls.model_fields.items()}
+
+
+def _lookup(loc: tuple) -> tuple[Any, Any]:
+    """(the section class holding the last key of `loc`, that key's FieldInfo); None where none."""
+    cls, info = ExperimentCfg, None
+    for i, part in enumerate(loc):
+        if i:
+            ann = getattr(info, "annotation", None)
+            cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        info = (_fields(cls).get(part) or cls.model_fields.get(part)) if cls and isinstance(part, str) else None
+    return cls, info
+
+
+def _bounds(info, ctx: dict) -> str:
+    """`> 0`, `>= 2`, `in (0, 1]` from a field's declared bounds (else from the error's context)."""
+    b = {k: v for m in getattr(info, "metadata", ()) for k in ("gt", "ge", "lt", "le")
+         if (v := getattr(m, k, None)) is not None} or ctx
+    lo = f"({b['gt']:g}" if "gt" in b else f"[{b['ge']:g}" if "ge" in b else None
+    hi = f"{b['lt']:g})" if "lt" in b else f"{b['le']:g}]" if "le" in b else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if b.get("gt") == 0 and len(b) == 1:
+        return "positive"
+    return next(f"{op} {b[k]:g}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in b)
+
+
+def _explain(err: dict) -> str:
+    """One line for one pydantic error, naming the dotted key and what it accepts."""
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    key = ".".join(str(p) for p in loc if isinstance(p, str)) + "".join(f"[{p}]" for p in loc if isinstance(p, int))
+    if kind in ("extra_forbidden", "no_such_attribute"):
+        cls, _ = _lookup(loc)
+        return f"unknown config key '{key}'. Valid keys here: {', '.join(sorted(_fields(cls))) if cls else '?'}"
+    if kind in ("value_error", "assertion_error"):  # our validators' messages name their keys
+        msg = str(err["ctx"]["error"])
+        return msg if not key or key in msg else f"{key}: {msg}"
+    if kind == "literal_error":
+        return f"{key}={value!r}: must be {err['ctx']['expected']}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        _, info = _lookup(loc)
+        hint = f" ({info.description})" if info is not None and info.description else ""
+        return f"{key}={value}: must be {_bounds(info, err['ctx'])}{hint}"
+    if kind in ("too_long", "too_short", "missing"):  # every key has a default: only a tuple misses a value
+        loc = loc[:-1] if kind == "missing" else loc
+        n = len(typing.get_args(getattr(_lookup(loc)[1], "annotation", None)))
+        return f"{'.'.join(map(str, loc))}: expected a list of {n} values, got {value!r}"
+    expected = _EXPECTED.get(kind.split("_")[0])
+    if expected:
+        hint = " (YAML reads yes/no/on/off/true/false as booleans; quote the value)" \
+            if isinstance(value, bool) and kind == "string_type" else ""
+        return f"{key or 'config'}: expected {expected}, got {value!r}{hint}"
+    return f"{key or 'config'}: {err['msg']}"
+
+
+def _config_error(e: ValidationError, prefix: tuple = ()) -> ConfigError:
+    """A ValidationError as one ConfigError: one line per problem.  `prefix`: the section's key."""
+    lines = list(dict.fromkeys(line for err in e.errors()
+                               for line in _explain({**err, "loc": prefix + tuple(err["loc"])}).split("\n")))
+    if len(lines) == 1:
+        return ConfigError(lines[0])
+    return ConfigError(f"{len(lines)} config problems:\n  - " + "\n  - ".join(lines))
 
 
 # ----------------------------------------------------------------------------- building
-
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check/convert one leaf value against its annotation; raise ConfigError naming the key."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")
-                             and args[0] is not str):
-            return None
-        if args[0] is str and value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if typ is tuple or origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, float, key) for v in value)
-    return value
-
-
-def _fill(obj: Any, data: dict, prefix: str = "") -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    types_ = _field_types(type(obj))
-    for raw_key, value in data.items():
-        key = _KEY_ALIASES.get(raw_key, raw_key)
-        dotted = f"{prefix}{raw_key}"
-        if key not in types_:
-            valid = ", ".join(sorted(k.rstrip("_") for k in types_))
-            raise ConfigError(f"unknown config key '{dotted}'. Valid keys here: {valid}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _fill(current, value, prefix=f"{dotted}.")
-        else:
-            setattr(obj, key, _coerce(value, types_[key], dotted))
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -277,86 +333,41 @@ def build_config(stage: str, yaml_path: str | None = None, overrides: list[str] 
     The raw YAML and --set dicts are returned too: precision provenance matters (a command-line
     override wins over files, two files disagreeing is an error).
     """
-    cfg = ExperimentCfg(stage=stage)
-    if defaults:
-        _fill(cfg, copy.deepcopy(defaults))
     file_dict = load_yaml(yaml_path) if yaml_path else {}
     set_dict = parse_overrides(overrides or [])
-    _fill(cfg, copy.deepcopy(file_dict))
-    _fill(cfg, copy.deepcopy(set_dict))
-    validate(cfg)
-    return cfg, file_dict, set_dict
+    merged: dict = {"stage": stage}
+    for layer in (defaults or {}, file_dict, set_dict):
+        _deep_update(merged, copy.deepcopy(layer))
+    return from_dict(merged), file_dict, set_dict
 
 
 def validate(cfg: ExperimentCfg, world_size: int | None = None) -> None:
-    t, o, d, c = cfg.train, cfg.optim, cfg.data, cfg.checkpoint
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage!r}: must be one of {STAGES}")
-    if cfg.precision is not None and cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r}: must be one of {PRECISIONS}")
-    for name, val in (("train.max_steps", t.max_steps), ("train.global_batch", t.global_batch),
-                      ("train.micro_batch", t.micro_batch), ("train.log_every", t.log_every)):
-        if val <= 0:
-            raise ConfigError(f"{name}={val}: must be positive")
-    if t.sync_every <= 0:
-        raise ConfigError(f"train.sync_every={t.sync_every}: must be positive (steps between the ranks' "
-                          f"check for stop signals and the checkpoint clock)")
-    if t.dist_timeout_min <= 0:
-        raise ConfigError(f"train.dist_timeout_min={t.dist_timeout_min}: must be positive (minutes a collective "
-                          f"waits for a late rank; 60 suits 64 ranks scanning ImageNet on a shared filesystem)")
-    if t.cpu_mem_profile_steps < 0:
-        raise ConfigError(f"train.cpu_mem_profile_steps={t.cpu_mem_profile_steps}: must be >= 0 (0 = off)")
-    if t.global_batch % t.micro_batch:
-        raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of "
-                          f"train.micro_batch={t.micro_batch}")
+    """Every rule again (fields may have been assigned since construction), plus the world size."""
+    from_dict(to_dict(cfg))
+    t = cfg.train
     if world_size is not None and t.global_batch % (t.micro_batch * world_size):
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch x world size "
             f"= {t.micro_batch} x {world_size}; choose global_batch as a multiple of "
             f"{t.micro_batch * world_size} or change micro_batch / the number of ranks")
-    if o.lr <= 0 or o.min_lr < 0 or o.weight_decay < 0 or o.warmup_steps < 0:
-        raise ConfigError("optim.lr must be > 0; optim.min_lr, weight_decay, warmup_steps >= 0")
-    if not 0 < o.layer_decay <= 1:
-        raise ConfigError(f"optim.layer_decay={o.layer_decay}: must be in (0, 1]")
-    # The upper bound depends on the model's patch size (16, or 14 for the giant), which lives in
-    # the zoo above this layer: MIMTask.check_geometry checks it, with the tokenizer grid.
-    if cfg.stage == "mim" and d.num_mask_patches < 0:
-        raise ConfigError(f"data.num_mask_patches={d.num_mask_patches}: must be >= 0")
-    if c.keep_last < 2:
-        raise ConfigError(f"checkpoint.keep_last={c.keep_last}: keep at least 2 so a crash during a "
-                          f"save never leaves you without a complete checkpoint")
-    if c.every_steps < 0 or c.every_minutes < 0 or c.keep_every < 0:
-        raise ConfigError("checkpoint.every_steps / every_minutes / keep_every must be >= 0")
-    policy = t.act_ckpt
-    if policy not in ("none", "all") and not (policy.startswith("every_") and policy[6:].isdigit()
-                                               and int(policy[6:]) > 0):
-        raise ConfigError(f"train.act_ckpt={policy!r}: use none, all, or every_N (e.g. every_2)")
-    if t.act_ckpt_impl not in ("torch", "deepspeed"):
-        raise ConfigError(f"train.act_ckpt_impl={t.act_ckpt_impl!r}: use torch or deepspeed")
-    if d.num_workers < 0:
-        raise ConfigError("data.num_workers must be >= 0")
-    f = cfg.finetune
-    if f.mixup < 0 or f.cutmix < 0 or not 0 <= f.label_smoothing < 1 or not 0 <= f.mixup_prob <= 1:
-        raise ConfigError("finetune.mixup / cutmix must be >= 0, finetune.label_smoothing in [0, 1), "
-                          "finetune.mixup_prob in [0, 1]")
-    if not 0 < f.ema_decay < 1:
-        raise ConfigError(f"finetune.ema_decay={f.ema_decay}: must be in (0, 1)")
 
 
 def to_dict(cfg: ExperimentCfg) -> dict:
-    def conv(x):
-        if dataclasses.is_dataclass(x):
-            return {f.name.rstrip("_"): conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, tuple):
-            return list(x)
-        return x
-    return conv(cfg)
+    """Plain YAML/JSON types, keys as YAML spells them (`init: {from: ...}`, tuples as lists)."""
+    def lists(x):
+        if isinstance(x, dict):
+            return {k: lists(v) for k, v in x.items()}
+        return list(x) if isinstance(x, tuple) else x
+    return lists(cfg.model_dump(by_alias=True))
 
 
 def from_dict(data: dict) -> ExperimentCfg:
-    cfg = ExperimentCfg(stage=data.get("stage", "mim"))
-    _fill(cfg, copy.deepcopy(data))
-    return cfg
+    """A checked ExperimentCfg from a dict (a manifest's or config.yaml's config); missing keys take
+    their defaults."""
+    try:
+        return ExperimentCfg.model_validate(data)
+    except ValidationError as e:
+        raise _config_error(e) from None
 
 
 def dump_yaml(cfg: ExperimentCfg) -> str:

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 
-from beit_scale.config import ConfigError, build_config, load_deepspeed_json, merge_deepspeed_config
+from beit_scale.config import (ConfigError, build_config, dump_yaml, from_dict, load_deepspeed_json,
+                               merge_deepspeed_config, to_dict, validate)
 from beit_scale.train import run
 from beit_scale.train.optim import lr_factor, param_groups
 from launching import REPO
@@ -29,6 +31,104 @@ def test_unknown_key_and_wrong_type():
     with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
         _merge(sets=["train.max_steps=ten"])
 
+
+
+@pytest.mark.parametrize("sets,message", [
+    # a wrong type (true/false is not a number, although pydantic's lax mode would read it as 1)
+    (["finetune.ema=maybe"], "finetune.ema: expected true/false, got 'maybe'"),
+    (["train.max_steps=true"], "train.max_steps: expected an integer, got True"),
+    (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values"),
+    # a bad choice
+    (["precision=fp8"], "precision='fp8': must be 'fp32', 'fp16' or 'bf16'"),
+    (["train.act_ckpt_impl=jax"], "train.act_ckpt_impl='jax': must be 'torch' or 'deepspeed'"),
+    (["model.rel_pos_bias=global"], "model.rel_pos_bias='global': must be 'layer', 'shared' or 'none'"),
+    (["train.act_ckpt=every_0"], "train.act_ckpt='every_0': use none, all, or every_N (e.g. every_2)"),
+    # a bound (the message says the allowed range and what the key means)
+    (["optim.layer_decay=1.5"], "optim.layer_decay=1.5: must be in (0, 1]"),
+    (["checkpoint.keep_last=1"], "checkpoint.keep_last=1: must be >= 2 (keep at least 2 so a crash"),
+    (["finetune.label_smoothing=1"], "finetune.label_smoothing=1: must be in [0, 1)"),
+    # a rule across fields
+    (["train.global_batch=30", "train.micro_batch=16"],
+     "train.global_batch=30 is not a multiple of train.micro_batch=16"),
+    # an unknown key in a section; init.from is a Python keyword, spelled `from` in YAML and in messages
+    (["finetune.mixupp=0.8"], "unknown config key 'finetune.mixupp'. Valid keys here: cutmix, ema,"),
+    (["init.form=x"], "unknown config key 'init.form'. Valid keys here: from"),
+])
+def test_config_error_names_the_dotted_key(sets, message):
+    with pytest.raises(ConfigError) as e:
+        build_config("classify", None, sets, defaults=run.EMBEDDED["classify"])
+    assert message in str(e.value)
+
+
+def test_mixup_needs_an_even_micro_batch_before_the_process_group():
+    with pytest.raises(ConfigError, match=r"need an even train.micro_batch \(got 3\)"):
+        _merge("classify", sets=["finetune.mixup=0.8", "train.global_batch=6", "train.micro_batch=3"])
+    _merge("mim", sets=["finetune.mixup=0.8", "train.global_batch=6", "train.micro_batch=3"])  # mixup is classify-only
+
+
+def test_every_problem_is_one_line_of_one_error():
+    with pytest.raises(ConfigError) as e:
+        build_config("mim", None, ["train.max_steps=0", "train.nonsense=1", "stage=pretrain"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "3 config problems:" and len(lines) == 4
+    assert any("train.max_steps=0: must be positive" in x for x in lines)
+    assert any("unknown config key 'train.nonsense'" in x for x in lines)
+    assert any("stage='pretrain'" in x for x in lines)
+
+
+def test_assignments_are_checked_and_name_the_key():
+    cfg, _, _ = build_config("mim")
+    cfg.precision = "bf16"
+    cfg.train.global_batch, cfg.train.micro_batch = 33, 11  # run.fit_embedded_batch does this
+    assert (cfg.train.global_batch, cfg.train.micro_batch) == (33, 11)
+    with pytest.raises(ConfigError, match="train.max_steps=0: must be positive"):
+        cfg.train.max_steps = 0
+    with pytest.raises(ConfigError, match="precision='fp8'"):
+        cfg.precision = "fp8"
+    cfg.train.micro_batch = 4  # a rule across fields is checked by validate (and merge_deepspeed_config)
+    with pytest.raises(ConfigError, match="not a multiple of train.micro_batch=4"):
+        validate(cfg)
+
+
+# The config.yaml of a MIM run written before the config moved to pydantic (manifests hold the same dict).
+RUN_CONFIG_YAML = """\
+stage: mim
+precision: fp32
+model: {name: beit_debug, drop_path: 0.0, layer_scale_init: null, rel_pos_bias: null, img_size: 224, num_classes: 10}
+data: {path: null, num_workers: 2, input_size: 224, second_input_size: 112, num_mask_patches: 75, min_mask_patches: 16,
+       crop_min_scale: 0.08, color_jitter: 0.4, train_split: train, val_split: val}
+tokenizer: {checkpoint: /tmp/t/tok.safetensors, vocab_size: 64, hidden_dim: 64, temperature_start: 1.0,
+            temperature_end: 0.0625, kl_weight: 0.001}
+train: {max_steps: 12, global_batch: 8, micro_batch: 4, seed: 0, log_every: 4, eval_every: 0, eval_batches: 8,
+        act_ckpt: none, act_ckpt_impl: torch, image_log_every: 100, stop_at_step: 0, cpu_mem_profile_steps: 0,
+        sync_every: 3, dist_timeout_min: 60.0}
+optim: {lr: 0.0015, min_lr: 1.0e-05, weight_decay: 0.05, warmup_steps: 20, betas: [0.9, 0.999], eps: 1.0e-08,
+        layer_decay: 1.0, clip_grad: null}
+checkpoint: {every_steps: 0, every_minutes: 0.001, keep_last: 2, keep_every: 0, resume: auto, overwrite: false,
+             background_finalize: true}
+init: {from: null}
+finetune: {mixup: 0.0, cutmix: 0.0, mixup_prob: 1.0, mixup_switch_prob: 0.5, label_smoothing: 0.0, ema: false,
+           ema_decay: 0.9999, linear_probe: false, rand_augment: null}
+"""
+
+
+def _types(d):
+    return {k: _types(v) if isinstance(v, dict) else type(v).__name__ for k, v in d.items()}
+
+
+def test_an_existing_run_config_round_trips():
+    old = yaml.safe_load(RUN_CONFIG_YAML)
+    cfg = from_dict(old)
+    assert cfg.init.from_ is None and cfg.optim.betas == (0.9, 0.999) and cfg.tokenizer.vocab_size == 64
+    again = to_dict(cfg)
+    assert again == old and list(again) == list(old) and _types(again) == _types(old)
+    assert yaml.safe_load(dump_yaml(cfg)) == old
+    for stage in ("tokenizer", "mim", "classify"):  # and what a run writes now loads back the same
+        cfg, _, _ = build_config(stage, None, ["init.from=/runs/mim", "optim.betas=[0.9, 0.98]"],
+                                 defaults=run.EMBEDDED[stage])
+        d = to_dict(cfg)
+        assert d["init"] == {"from": "/runs/mim"} and d["optim"]["betas"] == [0.9, 0.98]
+        assert to_dict(from_dict(yaml.safe_load(dump_yaml(cfg)))) == d
 
 def test_indivisible_global_batch():
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch x world size"):
