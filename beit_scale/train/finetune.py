@@ -236,9 +236,6 @@ class ClassifyTask(Task):
         if len(classes) != cfg.model.num_classes:
             raise ConfigError(f"the training set has {len(classes)} classes but model.num_classes="
                               f"{cfg.model.num_classes}; set --set model.num_classes={len(classes)}")
-        if (f.mixup > 0 or f.cutmix > 0) and cfg.train.micro_batch % 2:
-            raise ConfigError(f"mixup/cutmix mix each sample with its mirror in the batch and need an even "
-                              f"train.micro_batch (got {cfg.train.micro_batch})")
         zero = int(((self.ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
         if f.ema and zero == 3:
             raise ConfigError("finetune.ema=true needs the full weights on every rank, which ZeRO 3 does "
