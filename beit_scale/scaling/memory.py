@@ -32,30 +32,50 @@ partitioning, or only its largest layer under ``zero.Init``, times DeepSpeed's 1
 
 Activations (bytes at the start of backward, per rank, micro batch B, S = patches + 1 tokens,
 D = embed dim, M = MLP dim, H = heads, a = 2 bytes in fp16/bf16, 4 in fp32; DeepSpeed casts the
-whole model to half, so activations are half too). Saved tensors of one pre-LN block, per token:
+whole model to half, so the branches' activations are half too). In a half model each Block
+carries the residual stream in float32 between blocks (models/beit.py
+``Block._forward_fp32_residual``: ``x.float()``, fp32 layer-scale multiply and residual add, the
+branches run on ``x.to(half)``), so the stream itself is 4 bytes in every precision (r = 4).
+Saved tensors of one pre-LN block, per token (the same bytes as an all-half block: the fp32 stream
+is never saved, because ``.float()`` / ``.to()`` and the add save nothing; the norms save the
+half copies ``x.to(half)``, and ``gamma.float() * f`` saves the half ``f``):
     norm1 input D, norm1 output D (qkv's input), q/k/v 3D, attention output D (kept by SDPA),
     proj input D (the head-merge copy), proj output D (for layer-scale's gamma gradient),
     norm2 input D, norm2 output D, fc1 output M (GELU input), GELU output M (fc2 input),
     fc2 output D (gamma_2's gradient) -> 11 D + 2 M elements (9 D + 2 M without layer scale),
-    plus fp32 LayerNorm mean/rstd (16 bytes) and the attention log-sum-exp (4 H bytes).
+    plus fp32 LayerNorm mean/rstd (16 bytes; CUDA keeps them in fp32 for half inputs, CPU in the
+    input dtype: ``norm_stats_bytes``) and the attention log-sum-exp (4 H bytes). Per block, not
+    per token: a half model with layer scale also saves the two fp32 copies ``gamma.float()``
+    (8 D bytes).
 Attention: ``attention='sdpa'`` (default) assumes PyTorch's memory-efficient SDPA kernel (the one
 that accepts BEiT's additive relative-position bias; flash attention does not take a bias): it
 stores no B*H*S*S probabilities, only the bias H*S*S once per table. Its backward materialises a
 bias gradient of B*H*S*S for the one block being differentiated (counted as a transient).
 ``attention='math'`` (the eager softmax path, which is what PyTorch runs on CPU when the bias
 needs a gradient) saves the B*H*S*S probabilities in every block instead of the SDPA output and
-the bias; the per-block count is then exactly what the tests measure with saved-tensor hooks.
+the bias; for half inputs it computes q, k, v and the probabilities in fp32 (PyTorch's default,
+``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)``, which governs CPU and CUDA
+alike), so those are 4 bytes in every precision. The per-block count is then exactly what the
+tests measure with saved-tensor hooks (fp32, fp16 and bf16).
 Dropout: none in BEiT; drop-path masks are B scalars (ignored).
 
-With activation checkpointing (every block): each block keeps only its input (S*D), and during
-backward one block at a time is recomputed in full. Either way a backward working set of one
-block is added (``backward_transient``): the gradient of the residual stream and of the MLP
-hidden, (2 D + 2 M) per token, plus the attention transient above and the head's logit gradients.
+With activation checkpointing (every block): each block keeps only its input (S*D): the first
+block's in the model dtype (a bytes), every later one float32 (the residual stream, r = 4 bytes;
+so 4 instead of 2 bytes for depth-1 of the inputs in fp16/bf16). During backward one block at a
+time is recomputed in full. Either way a backward working set of one block is added
+(``backward_transient``): the gradient of the residual stream (r = 4 bytes, float32 along the
+stream) and of one branch input (a), and of the MLP hidden (2 M a), i.e. (r + a) D + 2 a M bytes
+per token (measured on CPU: the backward peak of a half block chain grows by exactly
+(4 - a) D bytes per token over the all-half forward), plus the attention transient above and the
+head's logit gradients.
 
 Outside the blocks: the input image (kept by the patch-embedding conv for its weight gradient),
-the MIM mask; MIM head: norm input/output for the masked rows, and the logits for masked positions
-x vocab: the task upcasts them to fp32 and cross-entropy saves an fp32 log-softmax (4 bytes per
-logit, ``head_saved``); at the start of backward two fp32 gradient buffers of the same size and,
+the MIM mask; MIM head: the fixed-size gather of the masked rows (``masked_index``, which MIMTask
+always passes) keeps its whole input, the last block's output [B, S, D] in the model dtype, and
+its int64 index (``masked_positions`` slices a sorted [B, N] tensor, so B N x 8 bytes); norm
+input/output for the masked rows, and the logits for masked positions x vocab: the task upcasts
+them to fp32 and cross-entropy saves an fp32 log-softmax (4 bytes per logit) and its int64 targets
+(``head_saved``); at the start of backward two fp32 gradient buffers of the same size and,
 in half precision, the downcast gradient exist too (counted in ``backward_transient``).
 The classifier head is tiny (B x classes).
 
@@ -99,7 +119,8 @@ from beit_scale.scaling.peaks import FIT_GPUS, GPUS
 
 __all__ = [
     "ParamCount", "count_params", "TokenizerSpec", "DALLE_TOKENIZER", "MemoryEstimate",
-    "model_state_bytes", "activation_breakdown", "estimate", "max_micro_batch", "fit_table", "main",
+    "model_state_bytes", "block_saved_bytes", "activation_breakdown", "estimate", "max_micro_batch",
+    "fit_table", "main",
 ]
 
 GiB = 2 ** 30
@@ -111,6 +132,9 @@ ATTENTIONS = ("sdpa", "math")
 DEFAULT_REDUCE_BUCKET = int(2e8)
 DEFAULT_PREFETCH_BUCKET = int(5e7)
 DEFAULT_PERSISTENCE_THRESHOLD = int(1e5)
+# Bytes per element of the residual stream between blocks: float32 in every precision (a half
+# model's Block adds its branches into a float32 stream, models/beit.py).
+RESIDUAL_STREAM_BYTES = 4
 # BEiT masks 75 of 196 patches (~40 %); other grids keep the same fraction.
 MASK_FRACTION = 75 / 196
 
@@ -336,24 +360,41 @@ def model_state_bytes(num_params: int, largest_layer: int, zero: int, gpus: int,
     return {"params": int(params), "grads": int(grads), "optimizer": int(optim), "host": int(host)}
 
 
+def block_saved_bytes(cfg: BeitConfig, micro_batch: int, precision: str = "fp16",
+                      attention: str = "sdpa", *, norm_stats_bytes: int = 4) -> int:
+    """Bytes autograd saves for one block (no checkpointing) at micro batch ``micro_batch``.
+
+    ``norm_stats_bytes``: bytes of each LayerNorm mean/rstd value; 4 on CUDA (fp32 for half
+    inputs too), the input's dtype on CPU (2 for a half model there)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected one of {ATTENTIONS}")
+    B, D, M, H = micro_batch, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads
+    half = precision in ("fp16", "bf16")
+    a = 2 if half else 4
+    S = cfg.num_patches + 1
+    ls = 2 if cfg.layer_scale_init else 0
+    sdpa = attention == "sdpa"
+    qkv = a if sdpa else 4                     # the math path upcasts half q/k/v/probs to fp32
+    # norm1 in/out, proj in, norm2 in/out (+ proj/fc2 outputs with layer scale, + the SDPA
+    # output), fc1 out and GELU out in the model dtype; q, k, v; two norms' mean and rstd.
+    per_token = (((5 + ls + (1 if sdpa else 0)) * D + 2 * M) * a + 3 * D * qkv
+                 + 4 * norm_stats_bytes + (4 * H if sdpa else 0))
+    probs = B * H * S * S * qkv if not sdpa else 0
+    gamma_copies = 2 * D * 4 if (half and ls) else 0   # gamma.float(), saved by the fp32 multiply
+    return B * S * per_token + probs + gamma_copies
+
+
 def activation_breakdown(cfg: BeitConfig, task: str, micro_batch: int, act_ckpt: bool = False,
                          precision: str = "fp16", attention: str = "sdpa",
                          num_masked: Optional[int] = None) -> dict:
     """Activation bytes at the backward peak, by part (see the module docstring for what is
     counted). ``cfg`` must be resolved for ``task`` (rel_pos_bias not 'auto')."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention={attention!r}: expected one of {ATTENTIONS}")
+    block_full = block_saved_bytes(cfg, micro_batch, precision, attention)
     B, D, M, H = micro_batch, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads
     a = 2 if precision in ("fp16", "bf16") else 4
+    r = RESIDUAL_STREAM_BYTES                  # float32 stream, whatever the precision
     S = cfg.num_patches + 1
     S_pad = -(-S // 8) * 8                     # the mem-efficient kernel pads the bias rows to 8
-    ls = 2 if cfg.layer_scale_init else 0
-    per_token_elems = (9 + ls) * D + 2 * M
-    if attention == "math":
-        per_token_elems -= D                   # no separate SDPA output; probabilities below
-    per_token_bytes = per_token_elems * a + 16 + (4 * H if attention == "sdpa" else 0)
-    probs = B * H * S * S * a if attention == "math" else 0
-    block_full = B * S * per_token_bytes + probs
     bias_table = H * S * S_pad * a if cfg.rel_pos_bias != "none" else 0
 
     # The memory-efficient kernel keeps the bias it was given; the math path only adds it.
@@ -361,7 +402,8 @@ def activation_breakdown(cfg: BeitConfig, task: str, micro_batch: int, act_ckpt:
         bias_table = 0
     out: dict[str, int] = {}
     if act_ckpt:
-        out["blocks_saved"] = cfg.depth * B * S * D * a
+        # The first block's input is the embedding output (model dtype), the others float32.
+        out["blocks_saved"] = B * S * D * (a + r * (cfg.depth - 1))
         out["block_recompute"] = block_full
         out["rel_pos_bias"] = bias_table       # the shared table, or the recomputed block's
     else:
@@ -379,12 +421,19 @@ def activation_breakdown(cfg: BeitConfig, task: str, micro_batch: int, act_ckpt:
         rows, width = B * masked, cfg.vocab_size
     else:
         rows, width = B, cfg.num_classes
-    out["head_saved"] = rows * (2 * D * a + 8) + rows * width * 4
-    # Backward working set: one block's residual-stream and MLP-hidden gradients, the attention
-    # transient (bias gradient B*H*S*S of the efficient kernel, or the probabilities' gradient
-    # on the math path), and the head's logit gradients.
-    attn_grad = B * H * S * S_pad * a if (attention == "math" or cfg.rel_pos_bias != "none") else 0
-    out["backward_transient"] = (B * S * (2 * D + 2 * M) * a + attn_grad
+    # norm input/output and its fp32 mean/rstd per row, the fp32 log-softmax, int64 targets;
+    # MIM: the gather's input (the whole last-block output) and its [B, N] int64 index.
+    gather = B * S * D * a + B * cfg.num_patches * 8 if task == "mim" else 0
+    out["head_saved"] = rows * (2 * D * a + 8) + rows * width * 4 + rows * 8 + gather
+    # Backward working set: one block's residual-stream gradient (float32, r bytes), the
+    # gradient of one branch input and of the MLP hidden (model dtype), the attention transient
+    # (bias gradient B*H*S*S of the efficient kernel, or the probabilities' gradient on the math
+    # path), and the head's logit gradients.
+    if attention == "math":
+        attn_grad = B * H * S * S * 4          # fp32 probabilities' gradient (half is upcast)
+    else:
+        attn_grad = B * H * S * S_pad * a if cfg.rel_pos_bias != "none" else 0
+    out["backward_transient"] = (B * S * (r * D + a * D + 2 * M * a) + attn_grad
                                  + rows * width * logit_transient)
     return out
 
