@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from beit_scale.config import ConfigError
+from beit_scale.dist.env import say_rank0
 from beit_scale.io import atomic_write_text
 
 REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
@@ -179,7 +180,7 @@ def _unshare_optimizer_steps(zero_optimizer) -> int:
 
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, cfg, config_dict: dict, rank: int = 0, world_size: int = 1,
-                 log=print):
+                 log=say_rank0):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.cfg = cfg

@@ -255,7 +255,7 @@ def _save_tokenizer_from_run(run_dir: Path, env) -> None:
                                 hidden_dim=tcfg.tokenizer.hidden_dim))
         model.load_state_dict(sd)
         path = save_tokenizer(model, tokenizer_path_in(run_dir))  # atomic (temp file + rename)
-        print(f"tokenizer saved to {path}", flush=True)
+        say_rank0(f"tokenizer saved to {path}")
     if dist.is_initialized():
         dist.barrier()
 
