@@ -155,6 +155,16 @@ def agree_stop_and_clock(signals: SignalFlag, clock_expired: bool, device) -> tu
     return stop, clock
 
 
+def complete_checkpoints_in(checkpoints_dir: Path) -> list[Path]:
+    """The step folders with a COMPLETE marker, oldest first (the one listing everything uses)."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_")
+             and not p.name.endswith("_universal") and (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: step_of(p.name))
+
+
 # ----------------------------------------------------------------------------- manager
 
 def _unshare_optimizer_steps(zero_optimizer) -> int:
@@ -191,12 +201,7 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- discovery (no process group needed)
     def complete_checkpoints(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir()
-                 if p.is_dir() and p.name.startswith("step_") and not p.name.endswith("_universal")
-                 and (p / COMPLETE).exists()]
-        return sorted(found, key=lambda p: step_of(p.name))
+        return complete_checkpoints_in(self.dir)
 
     def latest_step(self) -> int | None:
         ckpts = self.complete_checkpoints()

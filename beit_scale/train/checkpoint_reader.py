@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from beit_scale.train.checkpoint import COMPLETE, MANIFEST, CheckpointManager
+from beit_scale.train.checkpoint import COMPLETE, MANIFEST, CheckpointManager, complete_checkpoints_in
 
 
 def resolve_checkpoint(path: str | Path, checksums: bool = False) -> Path:
@@ -28,10 +28,7 @@ def resolve_checkpoint(path: str | Path, checksums: bool = False) -> Path:
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.name == "checkpoints" and p.is_dir():
-        cands = sorted((c for c in p.iterdir() if c.is_dir() and c.name.startswith("step_")
-                        and not c.name.endswith("_universal") and (c / COMPLETE).exists()),
-                       key=lambda c: int(c.name.split("_")[1]))
-        for c in reversed(cands):
+        for c in reversed(complete_checkpoints_in(p)):
             if CheckpointManager.verify(c, checksums=checksums) is None:
                 return c
         raise FileNotFoundError(f"{path}: no complete, intact checkpoint in {p} (saves that did not finish "
