@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from beit_scale.dist.env import DistConfigError, DistEnv, cuda_device_index
+from beit_scale.dist.env import DistConfigError, DistEnv, cuda_device_index, device_list
 
 # Device files the NVIDIA driver creates for each GPU; their presence means "this is a GPU machine".
 NVIDIA_DEVICE_GLOB = "/dev/nvidia[0-9]*"
@@ -42,15 +42,6 @@ class DevicePlan:
         return torch.device(self.type, self.index) if self.type == "cuda" else torch.device("cpu")
 
 
-def _visible_list(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [d.strip() for d in value.split(",") if d.strip()]
-    # Slurm writes NoDevFiles when a job asked for GPUs on a node whose gres has no device files;
-    # CUDA treats "-1" (or any invalid first entry) as "no device".
-    return [d for d in items if d not in ("NoDevFiles",) and not d.startswith("-")]
-
-
 def gpus_expected(environ: Mapping[str, str] | None = None, device_glob: str = NVIDIA_DEVICE_GLOB) -> str | None:
     """Why this process should have GPUs, or None when nothing says so."""
     environ = os.environ if environ is None else environ
@@ -60,8 +51,7 @@ def gpus_expected(environ: Mapping[str, str] | None = None, device_glob: str = N
         v = environ.get(name, "")
         if v and v not in ("0", "NoDevFiles"):
             return f"Slurm allocated GPUs ({name}={v})"
-    vis = _visible_list(environ.get("CUDA_VISIBLE_DEVICES"))
-    if vis:
+    if device_list(environ.get("CUDA_VISIBLE_DEVICES", "")):
         return f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}"
     if environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return None  # explicitly emptied: the user hid the GPUs

@@ -296,6 +296,14 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
 # ---------------------------------------------------------------------------------------------
 # Validation (before any process group)
 # ---------------------------------------------------------------------------------------------
+def device_list(value: str) -> list[str]:
+    """The devices a GPU list variable names (CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS): Slurm writes
+    NoDevFiles when a job asked for GPUs on a node whose gres has no device files, and CUDA
+    treats "-1" (any negative index) as "no device"."""
+    items = [d.strip() for d in value.split(",") if d.strip()]
+    return [d for d in items if d != "NoDevFiles" and not d.startswith("-")]
+
+
 def visible_gpus_per_node(environ: Mapping[str, str]) -> int | None:
     """GPUs Slurm gave this node (or CUDA_VISIBLE_DEVICES lists); None when nothing says."""
     if environ.get("SLURM_GPUS_ON_NODE", "").isdigit():
@@ -303,8 +311,7 @@ def visible_gpus_per_node(environ: Mapping[str, str]) -> int | None:
     for name in ("SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
         v = environ.get(name)
         if v is not None:
-            devs = [d for d in v.split(",") if d.strip() and d.strip() != "NoDevFiles"]
-            return len(devs)
+            return len(device_list(v))
     return None
 
 
