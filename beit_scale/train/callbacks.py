@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from beit_scale.io import atomic_write_text
+from beit_scale.train.tasks import _model_dtype
 
 
 class Callback:
@@ -141,7 +142,7 @@ class EMACallback(Callback):
     """Keeps a WeightEMA of the engine's module, evaluates it beside the live weights (its sums
     are prefixed "ema_"), and saves it in every checkpoint as "ema.<name>" tensors.
 
-    `evaluate(model, batch, n_valid, prefix)` is the task's scoring of one eval batch with a
+    `evaluate(model, batch, n_valid, dtype, prefix)` is the task's scoring of one eval batch with a
     given model.  Needs the full weights on every rank (not ZeRO-3; the task refuses that)."""
 
     def __init__(self, decay: float, evaluate: Callable, say: Callable[[str], None] = print):
@@ -166,7 +167,8 @@ class EMACallback(Callback):
         self.ema.update(trainer.engine.module)
 
     def eval_batch(self, trainer, batch, n_valid: int) -> dict:
-        return self.evaluate(self.ema.model, batch, n_valid, "ema_")
+        # the inputs are made in the trained model's dtype, as its own evaluation makes them
+        return self.evaluate(self.ema.model, batch, n_valid, _model_dtype(trainer.engine.module), "ema_")
 
     def state_tensors(self) -> dict:
         if self.ema is not None:

@@ -189,7 +189,6 @@ class ClassifyTask(Task):
         self._init = None                     # (source, state dict, kind) read in preflight
         self.init_report: InitReport | None = None
         self.mixup = None
-        self._dtype = torch.float32  # the trained model's dtype, seen at eval_batch (EMA scoring uses it)
 
     # -- config checks, before any process group
     def model_kwargs(self) -> dict:
@@ -339,17 +338,16 @@ class ClassifyTask(Task):
         return {f"{prefix}correct1": hit[:, 0].float().sum(), f"{prefix}correct5": hit.any(-1).float().sum(),
                 f"{prefix}loss_sum": F.cross_entropy(logits, target, reduction="sum")}
 
-    def score(self, model, batch, n_valid: int, prefix: str = "", dtype: torch.dtype | None = None) -> dict:
+    def score(self, model, batch, n_valid: int, dtype: torch.dtype, prefix: str = "") -> dict:
         """Top-1/top-5/loss sums of `model` on the valid rows.  The images are made in `dtype`
         (the trained model's) and cast to `model`'s, so the EMA (fp32) sees what the model saw."""
         img, target = batch
-        img = device_images(img[:n_valid], self.device, dtype or self._dtype, normalize=True)
+        img = device_images(img[:n_valid], self.device, dtype, normalize=True)
         target = target[:n_valid].to(self.device)
         return self._scores(model(img.to(_model_dtype(model))).float(), target, prefix)
 
     def eval_batch(self, engine, batch, n_valid):
-        self._dtype = _model_dtype(engine.module)
-        out = self.score(engine, batch, n_valid)
+        out = self.score(engine, batch, n_valid, _model_dtype(engine.module))
         out["count"] = torch.tensor(float(n_valid), device=self.device)
         return out
 
