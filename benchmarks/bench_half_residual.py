@@ -73,18 +73,6 @@ DEFAULT_MODES = "fp32,fp16_allhalf,fp16_fp32res,autocast_fp16"
 CLIP = 3.0
 
 
-def legacy_block_forward(self, x, rel_pos_bias=None):
-    """The Block.forward before the float32 residual (verbatim): everything in the params' dtype."""
-    a = self.attn(self.norm1(x), rel_pos_bias=rel_pos_bias)
-    if self.gamma_1 is not None:
-        a = self.gamma_1 * a
-    x = x + self.drop_path(a)
-    m = self.mlp(self.norm2(x))
-    if self.gamma_2 is not None:
-        m = self.gamma_2 * m
-    return x + self.drop_path(m)
-
-
 # ----------------------------------------------------------------------------------------------
 # synthetic MIM task
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +143,7 @@ def run_mode(args) -> dict:
     from beit_scale.train import parallelize
     from beit_scale.train.optim import build_optimizer_and_schedule, param_groups
     if mode.endswith("allhalf"):
-        beit_mod.Block.forward = legacy_block_forward
+        beit_mod.Block.forward = beit_mod.Block._forward_same_dtype
     parallelize.init_distributed()
     device = torch.device(acc.current_device_name())
 
@@ -282,7 +270,7 @@ def timing(args) -> list[dict]:
             cpu = {"before": [], "now": []}
             results = {}
             for r in range(args.time_repeats + 1):
-                for which, fwd in (("before", legacy_block_forward), ("now", new_forward)):
+                for which, fwd in (("before", beit_mod.Block._forward_same_dtype), ("now", new_forward)):
                     beit_mod.Block.forward = fwd
                     t, c = time.perf_counter(), time.process_time()
                     res = step()
@@ -343,7 +331,7 @@ def gamma_sweep(args) -> list[dict]:
                 blk.gamma_2.fill_(g)
         for kind in SWEEP_KINDS:
             half = torch.float16 if "fp16" in kind else torch.bfloat16
-            beit_mod.Block.forward = legacy_block_forward if kind.endswith("allhalf") else new_forward
+            beit_mod.Block.forward = beit_mod.Block._forward_same_dtype if kind.endswith("allhalf") else new_forward
             model = ref if kind.startswith("autocast") else copy.deepcopy(ref).to(half)
             io = []
             hooks = [b.register_forward_hook(lambda mod, a, o: io.append((a[0], o))) for b in model.blocks]

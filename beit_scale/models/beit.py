@@ -233,6 +233,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.norm1.weight.dtype in HALF_DTYPES:
             return self._forward_fp32_residual(x, rel_pos_bias)
+        return self._forward_same_dtype(x, rel_pos_bias)
+
+    def _forward_same_dtype(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Everything in the parameters' dtype: the fp32 block (and, for a half model, the block
+        as it was before the float32 residual stream; benchmarks/bench_half_residual.py compares)."""
         a = self.attn(self.norm1(x), rel_pos_bias=rel_pos_bias)
         if self.gamma_1 is not None:
             a = self.gamma_1 * a
