@@ -341,6 +341,11 @@ def _check_result(res: dict) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # check 1: environment
 # ----------------------------------------------------------------------------------------------
+def _verdict(problems: list[str], **row) -> dict:
+    """A check's row: FAIL with the problems joined, or ok."""
+    return {"status": "FAIL" if problems else "ok", **row, "error": "; ".join(problems)}
+
+
 def _basic_problems(res: dict, train: list, expected_steps: int, fig: dict) -> list[str]:
     """What every training check fails on: the run's own error, missing steps, a non-finite loss."""
     problems = []
@@ -448,8 +453,7 @@ def check_env(ctx: Ctx) -> dict:
                f"{fig['memory_gib']} GiB; torch {torch.__version__} CUDA {torch.version.cuda}, driver "
                f"{fig.get('driver_version', '?')} (CUDA {fig.get('driver_cuda_version', '?')}); "
                f"bf16 native {fig['bf16_native']}, fp16 {fig['fp16']}")
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "summary": summary,
-            "notes": notes, "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, summary=summary, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,8 +577,7 @@ def check_sdpa(ctx: Ctx) -> dict:
         parts.append(f"{name}: default {d['default_kernel']}, mask ok in {'/'.join(accepted) or 'none'}, "
                      f"worst rel err {_fmt(worst, '.2g')}")
     summary = "; ".join(parts) + f" (mask effect {mask_effect:.2g})"
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "summary": summary,
-            "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, summary=summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,9 +679,8 @@ def check_mim(ctx: Ctx, want: str) -> dict:
     notes = [fig["mfu_note"]] if fig.get("mfu_note") else []
     if fig.get("mem_within_15pct") is False:
         notes.append(f"memory {fig['mem_ratio']:.2f}x the model's prediction (outside 15%)")
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "notes": notes,
-            "summary": f"{_loss_text(fig)}; {_perf_text(fig)} (batch {s.mb}, {s.workers} data workers)",
-            "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, notes=notes,
+                    summary=f"{_loss_text(fig)}; {_perf_text(fig)} (batch {s.mb}, {s.workers} data workers)")
 
 
 def check_resume(ctx: Ctx) -> dict:
@@ -731,8 +733,7 @@ def check_resume(ctx: Ctx) -> dict:
                f"{_loss_text(fig)}")
     if "loss_scale_at_save" in fig:
         summary += f" (scale at save {fig['loss_scale_at_save']:g}, after {fig['loss_scale_after_resume']:g})"
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "summary": summary,
-            "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, summary=summary)
 
 
 def check_tokenizer(ctx: Ctx) -> dict:
@@ -761,8 +762,7 @@ def check_tokenizer(ctx: Ctx) -> dict:
         problems.append(f"writing/reading the tokenizer file failed: {type(e).__name__}: {e}")
     summary = (f"{_loss_text(fig)}; recon {_fmt(fig.get('recon'), '.4f')}, codes used "
                f"{_fmt(fig.get('codes_used'), '.0f')}, file vocab {fig.get('tokenizer_vocab', 'n/a')}")
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "summary": summary,
-            "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, summary=summary)
 
 
 def _mim_source(ctx: Ctx) -> tuple[Path, str]:
@@ -810,8 +810,7 @@ def check_finetune(ctx: Ctx) -> dict:
     summary = (f"from {src_what}: {fig.get('init_loaded', 0)} tensors loaded, {fig.get('init_dropped', 0)} dropped; "
                f"{_loss_text(fig)}; val top-1 {_fmt(fig['val_top1'], '.3f')}, EMA {_fmt(fig['val_top1_ema'], '.3f')}; "
                f"EMA in checkpoint {fig['ema_in_checkpoint']}")
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "summary": summary,
-            "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, summary=summary)
 
 
 def check_zero3(ctx: Ctx) -> dict:
@@ -831,8 +830,7 @@ def check_zero3(ctx: Ctx) -> dict:
     if fig.get("ds_zero_stage") != 3:
         problems.append(f"ran with ZeRO stage {fig.get('ds_zero_stage')}")
     notes = [fig["mfu_note"]] if fig.get("mfu_note") else []
-    return {"status": "FAIL" if problems else "ok", "figures": fig, "notes": notes,
-            "summary": f"{_loss_text(fig)}; {_perf_text(fig)}", "error": "; ".join(problems)}
+    return _verdict(problems, figures=fig, notes=notes, summary=f"{_loss_text(fig)}; {_perf_text(fig)}")
 
 
 def run_check(ctx: Ctx, name: str) -> dict:
