@@ -181,8 +181,19 @@ def main(stage: str, argv=None, description: str = "") -> int:
     return status
 
 
-def _main(stage: str, args, env) -> int:
+def _early_exit(result: dict) -> int | None:
+    """The launcher's exit status when a stage ended before finishing, None when it finished."""
     from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
+    if result.get("diverged"):
+        return DIVERGED_EXIT_CODE
+    if result.get("stopped"):
+        return REQUEUE_EXIT_CODE
+    if result.get("paused"):
+        return 0
+    return None
+
+
+def _main(stage: str, args, env) -> int:
     cfg, ds, run_dir = prepare(stage, args, env)
     tokenizer_path = None
     if stage == "mim":
@@ -203,13 +214,9 @@ def _main(stage: str, args, env) -> int:
             else:
                 say_rank0(f"using the cached tokenizer {tokenizer_path}")
     task = make_task(cfg, tokenizer_path)
-    result = train_stage(cfg, ds, run_dir, env, task)
-    if result.get("diverged"):
-        return DIVERGED_EXIT_CODE
-    if result.get("stopped"):
-        return REQUEUE_EXIT_CODE
-    if result.get("paused"):
-        return 0
+    status = _early_exit(train_stage(cfg, ds, run_dir, env, task))
+    if status is not None:
+        return status
     if stage == "tokenizer":
         _save_tokenizer_from_run(run_dir, env)
     say_rank0(final_report(run_dir))
@@ -217,7 +224,6 @@ def _main(stage: str, args, env) -> int:
 
 
 def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
-    from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
     sets = [f"tokenizer.vocab_size={mim_cfg.tokenizer.vocab_size}",
             f"data.second_input_size={mim_cfg.data.second_input_size}",
             f"train.seed={mim_cfg.train.seed}", f"data.num_workers={mim_cfg.data.num_workers}",
@@ -230,13 +236,11 @@ def _train_tokenizer(args, env, tok_dir: Path, mim_cfg) -> int:
                                   set=[s for s in args.set if s.startswith("precision=")] + sets)
     cfg, ds, _ = prepare("tokenizer", tok_args, env, run_dir=tok_dir)
     result = train_stage(cfg, ds, tok_dir, env)
-    if result.get("diverged"):
-        return DIVERGED_EXIT_CODE
-    if result.get("stopped"):
-        return REQUEUE_EXIT_CODE
     if result.get("paused"):
         say_rank0("the tokenizer stage stopped early (train.stop_at_step); run again to continue")
-        return 0
+    status = _early_exit(result)
+    if status is not None:
+        return status
     _save_tokenizer_from_run(tok_dir, env)
     return 0
 
