@@ -355,8 +355,6 @@ class MIMTask(Task):
                               f"model.img_size={d.input_size} --set data.input_size={d.input_size})")
         g, p = mcfg.grid_size[0], mcfg.patch_size
         n = g * g
-        if d.num_mask_patches < 0:
-            raise ConfigError(f"data.num_mask_patches={d.num_mask_patches}: must be >= 0")
         if d.num_mask_patches > n:
             raise ConfigError(f"data.num_mask_patches={d.num_mask_patches} is larger than the {g}x{g} = {n} "
                               f"patch grid of {name} ({d.input_size}px / patch {p}); use at most {n}")
