@@ -198,6 +198,8 @@ class CheckpointManager:
         self.rank, self.world = rank, world_size
         self.log = log if rank == 0 else (lambda *a, **k: None)
         self._last_save_time = time.time()
+        self._saved_step: int | None = None    # newest step saved by this process
+        self._resumed_step: int | None = None  # step this process resumed from out of this run's checkpoints
 
     # ---------------------------------------------------------------- discovery (no process group needed)
     def complete_checkpoints(self) -> list[Path]:
@@ -509,8 +511,7 @@ class CheckpointManager:
         Not the highest step on disk: after auto-resume fell back past a corrupted newest
         checkpoint (or in a resume=none overwrite run) that folder is stale, and a run ending on
         the same step must still save its own checkpoint instead of skipping it."""
-        saved = getattr(self, "_saved_step", None)
-        return saved if saved is not None else getattr(self, "_resumed_step", None)
+        return self._saved_step if self._saved_step is not None else self._resumed_step
 
     def _retain(self, pinned: Path | None = None) -> None:
         """Keep the last keep_last complete checkpoints plus every keep_every-th step, and `pinned`
