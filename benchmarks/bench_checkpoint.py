@@ -34,7 +34,7 @@ def build(model_name: str, zero: int):
     import torch.nn.functional as F
     from beit_scale.models.zoo import build_model
     from beit_scale.train.optim import build_optimizer_and_schedule, param_groups
-    from beit_scale.train.parallelize import build_engine, init_distributed
+    from beit_scale.train.engine import build_engine, init_distributed
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
         os.environ.setdefault(k, v)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    import beit_scale.train.checkpoint as ck
+    import beit_scale.train.checkpoint.manager as ck
     from beit_scale.config import CheckpointCfg
 
     root = Path(args.dir)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             if who == "ours":
                 trainer.step = r + 1
                 t = time.perf_counter()
-                path = mgr.save(engine, trainer, extra={}, wait=False)   # what a periodic save does
+                path = mgr.save(engine, {"trainer": trainer}, wait=False)   # what a periodic save does
                 res["ours save"].append(time.perf_counter() - t)
                 mgr.finish()     # the background part: CRC32s, manifest, COMPLETE (training would go on)
                 res["ours save+finalize"].append(time.perf_counter() - t)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 found = mgr.select_resume()
                 plan = mgr.prepare_load(found, {})
-                mgr.load(engine, plan, trainer)
+                mgr.load(engine, plan, {"trainer": trainer})
                 res["ours load"].append(time.perf_counter() - t)
                 parts["load"].append(timers.pop())
             else:

@@ -140,11 +140,11 @@ def run_mode(args) -> dict:
     from beit_scale.models import beit as beit_mod
     from beit_scale.models.zoo import get_config
     from beit_scale.models.beit import BeitForMIM
-    from beit_scale.train import parallelize
+    from beit_scale.train import engine as engine_mod
     from beit_scale.train.optim import build_optimizer_and_schedule, param_groups
     if mode.endswith("allhalf"):
         beit_mod.Block.forward = beit_mod.Block._forward_same_dtype
-    parallelize.init_distributed()
+    engine_mod.init_distributed()
     device = torch.device(acc.current_device_name())
 
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def run_mode(args) -> dict:
     opt, sched = build_optimizer_and_schedule(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                               warmup_steps=args.warmup, max_steps=args.steps,
                                               min_lr=1e-5)
-    engine = parallelize.build_engine(model, opt, sched, ds_config(mode, args.batch, zero))
+    engine = engine_mod.build_engine(model, opt, sched, ds_config(mode, args.batch, zero))
     module = engine.module
     pdtype = next(module.parameters()).dtype
 
@@ -196,8 +196,8 @@ def run_mode(args) -> dict:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-        scales.append(parallelize.engine_loss_scale(engine))
-        norms.append(parallelize.engine_grad_norm(engine))
+        scales.append(engine_mod.engine_loss_scale(engine))
+        norms.append(engine_mod.engine_grad_norm(engine))
         if step + 1 in probe_at:
             probes[step + 1] = run_probe()
         if args.verbose and (step % 20 == 0 or step == args.steps - 1):
@@ -209,7 +209,7 @@ def run_mode(args) -> dict:
            "gamma_mean_abs": gammas(), "loss_scale_end": scales[-1] if scales else None,
            "skipped_steps": int(getattr(engine, "skipped_steps", 0)), "seconds": time.time() - t0,
            "device": acc.device_name(), "zero": zero, "grad_norms": norms}
-    parallelize.shutdown_distributed()
+    engine_mod.shutdown_distributed()
     return out
 
 

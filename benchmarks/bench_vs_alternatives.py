@@ -19,7 +19,7 @@ Columns:
                  fp32 partition copies), other (flat/communication buffers). Mean over ranks.
   loss           mean loss of the last timed step (all methods should agree: same math)
 
-DeepSpeed engines are built with ``beit_scale.train.parallelize.build_engine`` from the project's
+DeepSpeed engines are built with ``beit_scale.train.engine.build_engine`` from the project's
 ``ds_configs/zero{0,1,2,3}.json`` with precision switched to fp32, clipping removed and the
 communication buckets shrunk to 5e6 elements (the files' 2e8 would allocate 0.75 GiB fp32 per
 bucket per rank on a 0.7 M-parameter model; DDP's default bucket is 25 MiB).
@@ -165,7 +165,7 @@ def build(method, model, batch):
         return torch.optim.AdamW(params, lr=LR, weight_decay=WD)
 
     if method.startswith("zero"):
-        from beit_scale.train.parallelize import build_engine
+        from beit_scale.train.engine import build_engine
         stage = int(method[-1])
         engine = build_engine(model, adamw(model.parameters()), None, _ds_config(stage, batch))
         inner = engine.optimizer

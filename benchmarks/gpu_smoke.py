@@ -427,7 +427,7 @@ def check_env(ctx: Ctx) -> dict:
     fig["bf16_incl_emulation"] = bool(torch.cuda.is_bf16_supported())
     fig["fp16"] = cap >= (6, 0)
     try:
-        from beit_scale.train.parallelize import device_supports
+        from beit_scale.train.engine import device_supports
         fig["deepspeed_fp16"] = device_supports("fp16")
         fig["deepspeed_bf16"] = device_supports("bf16")
     except Exception as e:  # noqa: BLE001
@@ -750,7 +750,7 @@ def check_tokenizer(ctx: Ctx) -> dict:
     problems = _basic_problems(res, train, s.tok_steps, fig)
     # The launcher's last step for this stage: consolidate the checkpoint into the file MIM loads.
     from beit_scale.train import run
-    from beit_scale.train.tasks import read_tokenizer_meta, tokenizer_path_in
+    from beit_scale.train.tasks.tokenizer import read_tokenizer_meta, tokenizer_path_in
     try:
         run._save_tokenizer_from_run(run_dir, ctx.dist())
         meta = read_tokenizer_meta(tokenizer_path_in(run_dir))
@@ -1026,7 +1026,7 @@ def main(argv=None) -> int:
     try:
         import torch.distributed as dist
         if rc == 0:
-            from beit_scale.train.parallelize import shutdown_distributed
+            from beit_scale.train.engine import shutdown_distributed
             shutdown_distributed()
         elif dist.is_initialized():      # after a failure: no barrier (one rank, nobody to wait for)
             dist.destroy_process_group()

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from beit_scale.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE, CheckpointManager
+from beit_scale.train.checkpoint import COMPLETE, CheckpointManager
+from beit_scale.train.signals import REQUEUE_EXIT_CODE
 from beit_scale.config import CheckpointCfg
 from launching import losses, read_logs, read_metrics, run_ranks, start_ranks, wait_all, wait_for_step
 
@@ -44,7 +45,7 @@ def test_retention_keeps_last_k_and_every_kth(reference):
     m = json.loads((run_dir / "checkpoints" / "step_00000008" / "manifest.json").read_text())
     assert m["step"] == 8 and m["world_size"] == 2 and m["zero_stage"] == 2 and m["precision"] == "fp32"
     assert m["samples_seen"] == 64 and m["config"]["model"]["name"] == "beit_debug"
-    assert m["extra"]["tokenizer_checkpoint"].endswith("tokenizer.safetensors")
+    assert m["extra"]["task"]["tokenizer_checkpoint"].endswith("tokenizer.safetensors")
     assert any(f.startswith("rank_00001") for f in m["files"]) and all("crc32" in v for v in m["files"].values())
 
 
@@ -192,16 +193,16 @@ def test_background_finalize_completes_later_and_reports_errors(tmp_path, monkey
     """wait=False returns once the files are written; the checkpoint becomes COMPLETE (and LATEST)
     only when rank 0's background CRC/manifest pass ends: until then a resume takes the previous one."""
     import threading
-    import beit_scale.train.checkpoint as ck
+    import beit_scale.train.checkpoint.manager as ck
     mgr = CheckpointManager(tmp_path, CheckpointCfg(keep_last=5), {"train": {"seed": 0}})
-    mgr.save(_FileEngine(), _Steps(2), extra={})                       # a complete one to fall back to
+    mgr.save(_FileEngine(), {"trainer": _Steps(2)})                       # a complete one to fall back to
     gate, crc = threading.Event(), ck.file_crc32
     def gated(p):  # the finalizer thread waits for the gate; the main thread's checks do not
         if threading.current_thread() is not threading.main_thread():
             assert gate.wait(30)
         return crc(p)
     monkeypatch.setattr(ck, "file_crc32", gated)
-    path = mgr.save(_FileEngine(), _Steps(4), extra={}, wait=False)
+    path = mgr.save(_FileEngine(), {"trainer": _Steps(4)}, wait=False)
     assert (path / "mp_rank_00_model_states.pt").exists() and not (path / COMPLETE).exists()
     assert mgr.last_saved_step() == 4 and mgr.latest_step() == 2
     assert mgr.select_resume()[0].name == "step_00000002"            # a crash now resumes from step 2
@@ -214,7 +215,7 @@ def test_background_finalize_completes_later_and_reports_errors(tmp_path, monkey
     def broken(p):
         raise OSError("disk full (simulated)")
     monkeypatch.setattr(ck, "file_crc32", broken)
-    bad = mgr.save(_FileEngine(), _Steps(6), extra={}, wait=False)
+    bad = mgr.save(_FileEngine(), {"trainer": _Steps(6)}, wait=False)
     with pytest.raises(RuntimeError, match="disk full"):
         mgr.finish()
     assert not (bad / COMPLETE).exists() and mgr.latest_step() == 4
@@ -237,7 +238,7 @@ def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
     background finalization, retention, a corrupted-newest fallback, a re-save of the same step and
     a save on an older branch; it is written only after its checkpoint's COMPLETE marker."""
     import threading
-    import beit_scale.train.checkpoint as ck
+    import beit_scale.train.checkpoint.manager as ck
     ckpts = tmp_path / "checkpoints"
     writes, atomic = [], ck._write_atomic
     def checked(path, text):  # every pointer write names a folder that is COMPLETE at that moment
@@ -248,7 +249,7 @@ def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "_write_atomic", checked)
     mgr = CheckpointManager(tmp_path, CheckpointCfg(keep_last=2), {"train": {"seed": 0}})
     for s in (2, 4, 6):
-        mgr.save(_FileEngine(), _Steps(s), extra={})
+        mgr.save(_FileEngine(), {"trainer": _Steps(s)})
         assert _pointers_agree(ckpts) == f"step_{s:08d}"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]  # retention
     assert writes[-2:] == [("LATEST", "step_00000006"), ("latest", "step_00000006")]
@@ -259,7 +260,7 @@ def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
             assert gate.wait(30)
         return crc(p)
     monkeypatch.setattr(ck, "file_crc32", gated)
-    path = mgr.save(_FileEngine(), _Steps(8), extra={}, wait=False)
+    path = mgr.save(_FileEngine(), {"trainer": _Steps(8)}, wait=False)
     assert not (path / COMPLETE).exists() and _pointers_agree(ckpts) == "step_00000006"
     gate.set()
     mgr.finish()
@@ -274,9 +275,9 @@ def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
         assert resumed.select_resume()[0].name == "step_00000006"
     assert _pointers_agree(ckpts) == "step_00000006"
     # the resumed run saves step 7, then step 8 again: the old step 8 is replaced, never pointed at
-    resumed.save(_FileEngine(), _Steps(7), extra={})
+    resumed.save(_FileEngine(), {"trainer": _Steps(7)})
     assert _pointers_agree(ckpts) == "step_00000007"
-    resumed.save(_FileEngine(), _Steps(8), extra={})
+    resumed.save(_FileEngine(), {"trainer": _Steps(8)})
     assert _pointers_agree(ckpts) == "step_00000008"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000007", "step_00000008"]
     # resumed explicitly from an older checkpoint: its next save is the newest *pointed* one and
@@ -284,9 +285,9 @@ def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
     branch = CheckpointManager(tmp_path, CheckpointCfg(keep_last=2, resume=str(ckpts / "step_00000007")),
                                {"train": {"seed": 0}})
     assert branch.select_resume()[0].name == "step_00000007"
-    mgr.save(_FileEngine(), _Steps(9), extra={})
-    mgr.save(_FileEngine(), _Steps(10), extra={})
-    branch.save(_FileEngine(), _Steps(8), extra={})       # replaces step 8; newer 9 and 10 are kept
+    mgr.save(_FileEngine(), {"trainer": _Steps(9)})
+    mgr.save(_FileEngine(), {"trainer": _Steps(10)})
+    branch.save(_FileEngine(), {"trainer": _Steps(8)})       # replaces step 8; newer 9 and 10 are kept
     assert _pointers_agree(ckpts) == "step_00000008"
     # a re-save of the step the pointers name moves them to another intact one (the highest) first
     seen = []
@@ -295,7 +296,7 @@ def test_deepspeed_latest_follows_LATEST(tmp_path, monkeypatch):
             assert save_latest is False
             seen.append(branch.pointed_tags())
             super().save_checkpoint(save_dir, tag, client_state, save_latest)
-    branch.save(_Peek(), _Steps(8), extra={})
+    branch.save(_Peek(), {"trainer": _Steps(8)})
     assert seen == [("step_00000010", "step_00000010")] and _pointers_agree(ckpts) == "step_00000008"
     # nothing usable left: auto-resume starts over and removes both pointers
     for p in ckpts.glob("step_*"):

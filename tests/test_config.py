@@ -228,7 +228,7 @@ def test_weight_decay_groups_and_schedule():
 def test_activation_checkpointing_recomputes_exactly_the_chosen_blocks():
     """Same loss and gradients with and without checkpointing; recomputed forwards counted by hooks."""
     from beit_scale.models.zoo import build_model
-    from beit_scale.train.parallelize import apply_activation_checkpointing
+    from beit_scale.train.engine import apply_activation_checkpointing
 
     def run_once(policy, impl="torch"):
         torch.manual_seed(0)

@@ -223,7 +223,7 @@ def test_transforms_ship_uint8_and_device_conversion_matches_the_old_float_pipel
     scale, normalise in fp32, then cast) gives exactly the old float pipeline's numbers."""
     from PIL import Image
     from torchvision.transforms import functional as TF
-    from beit_scale.train.tasks import device_images
+    from beit_scale.train.tasks.base import device_images
     pil = Image.open(sorted((tiny_root / "train").rglob("*.jpg"))[0]).convert("RGB")
     with D.seeded(7):
         big, small = MIMTransform(input_size=64, second_input_size=32)(pil)
@@ -252,7 +252,7 @@ def test_transforms_ship_uint8_and_device_conversion_matches_the_old_float_pipel
 def test_tasks_convert_on_the_device_before_the_model(tiny_root):
     """ClassifyTask and MIMTask hand the model (and the tokenizer) the old float inputs."""
     from beit_scale.config import ExperimentCfg
-    from beit_scale.train.finetune import ClassifyTask
+    from beit_scale.train.tasks.classify import ClassifyTask
     from beit_scale.train.tasks import MIMTask
 
     seen = {}
@@ -311,7 +311,7 @@ def test_shared_memory_per_batch_is_a_quarter(tiny_root):
 def test_cuda_conversion_and_mim_targets_exact_and_without_host_sync():
     """On a GPU: the device conversion equals the CPU (old pipeline) numbers bit for bit, and the
     conversion + fixed-size target gather run with no device->host synchronisation."""
-    from beit_scale.train.tasks import device_images, masked_positions, uniform_mask_count
+    from beit_scale.train.tasks.base import device_images, masked_positions, uniform_mask_count
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=g).pin_memory()
     gen = _masker()

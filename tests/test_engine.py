@@ -105,7 +105,8 @@ def test_fp16_loss_scaling_and_injected_overflow(tmp_path, tokenizer_file):
     halves the loss scale (hysteresis 1 in this test's DeepSpeed file), and training goes on.
     A second run in the same process group overflows again at min_loss_scale, where DeepSpeed
     raises: the trainer saves, says so, and the launcher exits DIVERGED_EXIT_CODE (4)."""
-    from beit_scale.train.checkpoint import COMPLETE, DIVERGED_EXIT_CODE
+    from beit_scale.train.checkpoint import COMPLETE
+    from beit_scale.train.signals import DIVERGED_EXIT_CODE
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     ds["fp16"].update(hysteresis=1, initial_scale_power=8)
     ds_path = tmp_path / "zero2_fp16_h1.json"

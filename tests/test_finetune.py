@@ -13,7 +13,7 @@ import torch
 from launching import REPO, read_metrics, run_ranks
 from beit_scale.config import ConfigError
 from beit_scale.models.zoo import build_model, get_config
-from beit_scale.train.finetune import load_init_weights
+from beit_scale.train.checkpoint.reader import load_init_weights
 
 
 def _rand_(model, seed=0):
@@ -312,7 +312,7 @@ def test_ema_survives_resume_exactly(tmp_path):
 
 def test_ema_model_does_not_run_the_live_weights_under_activation_checkpointing():
     from beit_scale.train.callbacks import WeightEMA
-    from beit_scale.train.parallelize import apply_activation_checkpointing
+    from beit_scale.train.engine import apply_activation_checkpointing
     model = build_model("beit_debug", task="classify", num_classes=10).eval()
     assert apply_activation_checkpointing(model, "all") == [0, 1]
     ema = WeightEMA(model, 0.9)

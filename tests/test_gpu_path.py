@@ -89,7 +89,7 @@ def test_local_rank_1_sets_device_1_before_anything_is_placed(monkeypatch, tmp_p
 def test_build_engine_passes_the_chosen_device_to_deepspeed(monkeypatch):
     """DeepSpeed would call set_device(LOCAL_RANK); we hand it the chosen index (device_rank)."""
     import deepspeed
-    from beit_scale.train import parallelize
+    from beit_scale.train import engine as engine_mod
     seen = {}
 
     def fake_initialize(args=None, model=None, optimizer=None, lr_scheduler=None, config=None):
@@ -97,13 +97,13 @@ def test_build_engine_passes_the_chosen_device_to_deepspeed(monkeypatch):
         return types.SimpleNamespace(device=torch.device("cuda", args.device_rank)), optimizer, None, lr_scheduler
 
     monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
-    engine = parallelize.build_engine(torch.nn.Linear(2, 2), None, None, {}, torch.device("cuda", 0))
+    engine = engine_mod.build_engine(torch.nn.Linear(2, 2), None, None, {}, torch.device("cuda", 0))
     assert seen["args"].device_rank == 0 and engine.device == torch.device("cuda", 0)
     # on CPU nothing is passed: DeepSpeed's CPU accelerator keeps its defaults
     monkeypatch.setattr(deepspeed, "initialize",
                         lambda args=None, **kw: (seen.update(cpu_args=args) or types.SimpleNamespace(
                             device=torch.device("cpu")), None, None, None))
-    parallelize.build_engine(torch.nn.Linear(2, 2), None, None, {}, torch.device("cpu"))
+    engine_mod.build_engine(torch.nn.Linear(2, 2), None, None, {}, torch.device("cpu"))
     assert seen["cpu_args"] is None
 
 
@@ -257,11 +257,11 @@ def test_process_group_timeout_reaches_deepspeed(monkeypatch):
 
     import deepspeed
     import torch.distributed as dist
-    from beit_scale.train import parallelize
+    from beit_scale.train import engine as engine_mod
     seen = {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(kw))
-    parallelize.init_distributed(90)
+    engine_mod.init_distributed(90)
     assert seen["timeout"] == datetime.timedelta(minutes=90)
     from beit_scale.config import ConfigError, build_config
     assert build_config("mim")[0].train.dist_timeout_min == 60
@@ -270,7 +270,7 @@ def test_process_group_timeout_reaches_deepspeed(monkeypatch):
 
 
 def test_agree_stop_and_clock_without_a_process_group():
-    from beit_scale.train.checkpoint import SignalFlag, agree_stop_and_clock
+    from beit_scale.train.signals import SignalFlag, agree_stop_and_clock
     flag = SignalFlag()
     assert agree_stop_and_clock(flag, False, torch.device("cpu")) == (False, False)
     assert agree_stop_and_clock(flag, True, torch.device("cpu")) == (False, True)
@@ -279,7 +279,7 @@ def test_agree_stop_and_clock_without_a_process_group():
 
 
 def test_min_loss_scale_error_is_recognised():
-    from beit_scale.train.parallelize import is_min_loss_scale_error
+    from beit_scale.train.engine import is_min_loss_scale_error
     assert is_min_loss_scale_error(Exception("Current loss scale already at minimum - cannot decrease scale "
                                              "anymore. Exiting run."))
     assert not is_min_loss_scale_error(RuntimeError("CUDA out of memory"))

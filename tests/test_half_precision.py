@@ -143,7 +143,7 @@ def test_fp32_unchanged_bit_for_bit(task, layer_scale):
 def test_half_model_dtypes_and_gradients(task, dtype):
     """Heads see the params' dtype; every parameter gets a finite gradient of its own dtype;
     activation checkpointing (applied from outside) gives the same result."""
-    from beit_scale.train.parallelize import apply_activation_checkpointing
+    from beit_scale.train.engine import apply_activation_checkpointing
 
     model = _tiny(task=task, drop_path_rate=0.0).to(dtype).train()
     x, mask = _inputs()
@@ -214,16 +214,16 @@ def _ds_fp16_driver(out_path: str) -> None:
     sys.path.insert(0, str(REPO))
     from deepspeed.accelerator import get_accelerator
     type(get_accelerator()).is_fp16_supported = lambda self: True  # TEST-ONLY (ENVIRONMENT.md)
-    from beit_scale.train import parallelize
+    from beit_scale.train import engine as engine_mod
 
-    parallelize.init_distributed()
+    engine_mod.init_distributed()
     ref = _tiny().eval()
     model = copy.deepcopy(ref)
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     ds.update(train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
     ds["zero_optimization"].update(reduce_bucket_size=10 ** 6, allgather_bucket_size=10 ** 6)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    engine = parallelize.build_engine(model, opt, None, ds)
+    engine = engine_mod.build_engine(model, opt, None, ds)
     x, mask = _inputs()
     engine.eval()
     io = _block_io(engine, x.half(), mask, blocks=engine.module.blocks)
@@ -239,7 +239,7 @@ def _ds_fp16_driver(out_path: str) -> None:
     Path(out_path).write_text(json.dumps({
         "param_dtype": str(next(engine.module.parameters()).dtype),
         "stream_dtypes": [str(o.dtype) for _, o in io], "blocks": blocks, "losses": losses}))
-    parallelize.shutdown_distributed()
+    engine_mod.shutdown_distributed()
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ds-fp16":

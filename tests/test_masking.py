@@ -121,7 +121,7 @@ def test_fixed_size_gather_lists_the_boolean_index_targets_in_order():
     `ids[mask]`: the same positions in the same row-major order, for real blockwise masks."""
     import torch
 
-    from beit_scale.train.tasks import masked_positions, uniform_mask_count
+    from beit_scale.train.tasks.base import masked_positions, uniform_mask_count
     for grid, count in (((14, 14), 75), ((16, 16), 98), ((8, 8), 25), ((14, 14), 0), ((14, 14), 196)):
         gen = MaskingGenerator(grid, num_masking_patches=count, min_num_patches=min(16, max(count, 1)))
         rng = np.random.default_rng(count)

@@ -13,8 +13,8 @@ import torch
 from beit_scale.models.zoo import build_model, get_config, list_models
 from beit_scale.scaling import memory as mm
 from beit_scale.scaling.peaks import GPUS, match_gpu, peak_flops
-from beit_scale.train.parallelize import apply_activation_checkpointing
-from beit_scale.train.tasks import masked_positions
+from beit_scale.train.engine import apply_activation_checkpointing
+from beit_scale.train.tasks.base import masked_positions
 
 ds_z2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 ds_z3 = pytest.importorskip("deepspeed.runtime.zero.stage3")

@@ -257,7 +257,7 @@ def test_mim_masked_index_gather_equals_boolean_indexing():
     logits, in the same order, as boolean indexing; and the same gradients."""
     import torch
     from beit_scale.models.zoo import build_model
-    from beit_scale.train.tasks import masked_positions
+    from beit_scale.train.tasks.base import masked_positions
     torch.manual_seed(0)
     m = build_model("beit_debug", task="mim", vocab_size=64)
     x = torch.randn(3, 3, 224, 224)

@@ -9,6 +9,7 @@ import torch
 
 from beit_scale.config import build_config
 from beit_scale.train.callbacks import Callback
+from beit_scale.train.checkpoint.manager import TRAINER, split_states
 from beit_scale.train.tasks import Task
 from beit_scale.train.trainer import Trainer
 
@@ -118,9 +119,11 @@ class FakeCheckpoints:
     def last_saved_step(self):
         return self.saved_step
 
-    def save(self, engine, trainer, extra, tensors, wait=True):
-        self.saves.append((trainer.step, extra, sorted(tensors)))
-        self.saved_step = trainer.step
+    def save(self, engine, states, wait=True):
+        extra, tensors = split_states(states)   # the real manager's split of the named states
+        step = states[TRAINER].state_dict()["step"]
+        self.saves.append((step, extra, sorted(tensors)))
+        self.saved_step = step
 
     def finish(self):
         pass
@@ -148,10 +151,7 @@ class Recorder(Callback):
         result["seen_by_callback"] = 1.0
 
     def state_dict(self):
-        return {"events": len(self.events)}
-
-    def state_tensors(self):
-        return {"recorder.t": torch.zeros(1)}
+        return {"events": len(self.events), "t": torch.zeros(1)}
 
 
 def _trainer(tmp_path, recorder, *sets):
@@ -178,7 +178,7 @@ def test_trainer_runs_a_task_on_a_fake_engine(tmp_path):
     assert rows[-1]["kind"] == "eval" and rows[-1]["seen_by_callback"] == 1.0 and result["val_mse"] >= 0
     # the periodic save at step 4 and the final one; task extra + callback state + callback tensors
     assert [s[0] for s in ckpt.saves] == [4, 6]
-    assert ckpt.saves[-1][1]["recorder"] == {"events": 8} and ckpt.saves[-1][2] == ["recorder.t"]
+    assert ckpt.saves[-1][1]["recorder"] == {"events": 8} and ckpt.saves[-1][2] == ["recorder/t"]
     assert trainer.offset == 6 * 8 and trainer.samples_seen == 48
 
 

@@ -1,9 +1,10 @@
 """What runs around the trainer's steps, outside the loop body and outside the tasks.
 
 A task lists its callbacks (`Task.callbacks()`); the trainer calls every hook on every rank, in
-list order.  A callback that must survive a resume says so through `state_dict` (JSON, stored
-in the checkpoint manifest's "extra" under `key`) and `state_tensors` (stored in the checkpoint's
-task_state.safetensors; names must carry the callback's own prefix).
+list order.  A callback that must survive a resume has a `key` and a `state_dict()` (JSON-able
+values and tensors in one dict); the trainer hands it to the checkpoint manager under that key
+(JSON in the manifest's "extra", tensors in the checkpoint's task_state file as "<key>/<name>"),
+and `load_state_dict()` gets the same dict back on resume.
 
   on_build_start(trainer)            before the model is built (nothing allocated for it yet)
   on_train_start(trainer)            engine built, resume loaded, before the first step
@@ -22,11 +23,10 @@ import torch
 import torch.distributed as dist
 
 from beit_scale.io import atomic_write_text
-from beit_scale.train.tasks import _model_dtype
 
 
 class Callback:
-    key: str | None = None   # where its state_dict goes in the manifest's "extra" (None: nothing to keep)
+    key: str | None = None   # the name its state is saved under (None: nothing to keep)
 
     def on_build_start(self, trainer) -> None:
         pass
@@ -47,12 +47,6 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def state_tensors(self) -> dict:
-        return {}
-
-    def load_state_tensors(self, tensors: dict) -> None:
         pass
 
 
@@ -121,17 +115,16 @@ class WeightEMA:
             else:
                 e.copy_(p)
 
-    def state_tensors(self) -> dict:
+    def state_dict(self) -> dict:
         # Floating-point entries only: integer buffers (relative-position indices) are derived,
         # never averaged, and may share storage between blocks, which safetensors refuses.
-        return {f"ema.{k}": v.detach().clone() for k, v in self.model.state_dict().items()
-                if v.is_floating_point()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
-    def load_state_tensors(self, tensors: dict) -> None:
-        """Restore from `state_tensors()` output; raises ValueError if the names or shapes differ."""
+    def load_state_dict(self, tensors: dict) -> None:
+        """Restore from `state_dict()` output; raises ValueError if the names or shapes differ."""
         mine = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
-        theirs = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        theirs = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
         if set(theirs) != set(mine) or any(theirs[k].shape != v.shape for k, v in mine.items()):
             raise ValueError("the saved EMA does not match this model")
         for k, v in mine.items():
@@ -140,10 +133,12 @@ class WeightEMA:
 
 class EMACallback(Callback):
     """Keeps a WeightEMA of the engine's module, evaluates it beside the live weights (its sums
-    are prefixed "ema_"), and saves it in every checkpoint as "ema.<name>" tensors.
+    are prefixed "ema_"), and saves it in every checkpoint (as "ema/<name>" tensors).
 
     `evaluate(model, batch, n_valid, dtype, prefix)` is the task's scoring of one eval batch with a
     given model.  Needs the full weights on every rank (not ZeRO-3; the task refuses that)."""
+
+    key = "ema"
 
     def __init__(self, decay: float, evaluate: Callable, say: Callable[[str], None] = print):
         self.decay, self.evaluate, self.say = decay, evaluate, say
@@ -155,7 +150,7 @@ class EMACallback(Callback):
         self.ema = WeightEMA(trainer.engine.module, self.decay)
         if self._saved is not None:
             try:
-                self.ema.load_state_tensors(self._saved)
+                self.ema.load_state_dict(self._saved)
             except ValueError as e:
                 raise ConfigError(f"cannot resume the weight EMA: {e}") from None
             self._saved = None
@@ -168,15 +163,16 @@ class EMACallback(Callback):
 
     def eval_batch(self, trainer, batch, n_valid: int) -> dict:
         # the inputs are made in the trained model's dtype, as its own evaluation makes them
-        return self.evaluate(self.ema.model, batch, n_valid, _model_dtype(trainer.engine.module), "ema_")
+        dtype = next(trainer.engine.module.parameters()).dtype
+        return self.evaluate(self.ema.model, batch, n_valid, dtype, "ema_")
 
-    def state_tensors(self) -> dict:
+    def state_dict(self) -> dict:
         if self.ema is not None:
-            return self.ema.state_tensors()
+            return self.ema.state_dict()
         return dict(self._saved or {})  # resumed and saved again before training started
 
-    def load_state_tensors(self, tensors: dict) -> None:
-        saved = {k: v for k, v in tensors.items() if k.startswith("ema.")}
+    def load_state_dict(self, state: dict) -> None:
+        saved = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         if saved:
             self._saved = saved
         else:
@@ -213,7 +209,7 @@ class BestWeights(Callback):
             result["best_step"] = self.best["step"]
 
     def _save(self, trainer, info: dict) -> None:
-        from beit_scale.train.parallelize import full_state_dict
+        from beit_scale.train.engine import full_state_dict
         sd = full_state_dict(trainer.engine, rank0_only=True)
         if trainer.is_main:
             from beit_scale.io import save_safetensors
@@ -227,7 +223,7 @@ class BestWeights(Callback):
             dist.barrier()
 
     def state_dict(self) -> dict:
-        return self.best
+        return dict(self.best or {})
 
     def load_state_dict(self, state: dict) -> None:
-        self.best = state or self.best
+        self.best = dict(state) if state else self.best

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from beit_scale.io import save_safetensors  # noqa: F401 - re-exported: callers import it from here
-from beit_scale.train.checkpoint_reader import consolidated_state_dict, resolve_checkpoint  # noqa: F401
+from beit_scale.train.checkpoint.reader import consolidated_state_dict, resolve_checkpoint  # noqa: F401
 
 if TYPE_CHECKING:
     from beit_scale.models.config import BeitConfig
@@ -49,7 +49,7 @@ def build_stage_model(cfg):
     one that was trained.  A classify checkpoint also builds when beit_scale.train.finetune is
     not importable (zoo defaults + the model section of the config).
     """
-    from beit_scale.train.stages import make_task
+    from beit_scale.train.tasks import make_task
     try:
         return make_task(cfg).build_model()
     except ImportError:

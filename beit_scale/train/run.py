@@ -23,7 +23,7 @@ from beit_scale.config import (ConfigError, build_config, file_precision, load_d
                                merge_deepspeed_config, set_precision, to_dict)
 from beit_scale.dist.device import check_precision
 from beit_scale.dist.env import say_rank0
-from beit_scale.train.stages import make_task  # noqa: F401 - launch scripts and drivers call run.make_task
+from beit_scale.train.tasks import make_task  # noqa: F401 - launch scripts and drivers call run.make_task
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_ERROR_EXIT = 2
@@ -135,7 +135,7 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
     if plan.type == "cuda":
         check_precision(want, plan)  # e.g. bf16 on a V100: an error, never a silent fallback
     else:
-        from beit_scale.train.parallelize import device_supports
+        from beit_scale.train.engine import device_supports
         if not device_supports(want):
             # Only where no GPU is expected (plan_device refuses CPU where one is): the demo on a laptop.
             say_rank0(f"note: the CPU cannot run {want}; running in fp32 instead")
@@ -148,7 +148,7 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
 def train_stage(cfg, ds, run_dir: Path, env, task=None) -> dict:
     """Resume plan, process group, engine, loop.  Returns the trainer's final metrics."""
     from beit_scale.train.checkpoint import CheckpointManager
-    from beit_scale.train.parallelize import init_distributed
+    from beit_scale.train.engine import init_distributed
     from beit_scale.train.trainer import Trainer
     task = task or make_task(cfg)
     task.configure(run_dir=run_dir, ds_config=ds)  # preflight may check DeepSpeed settings (ZeRO stage)
@@ -176,14 +176,14 @@ def main(stage: str, argv=None, description: str = "") -> int:
         if env.world_size > 1:  # let rank 0's message out before srun's kill-on-bad-exit
             linger_before_error_exit(1.0 if env.rank == 0 else 3.0)
         return CONFIG_ERROR_EXIT
-    from beit_scale.train.parallelize import shutdown_distributed
+    from beit_scale.train.engine import shutdown_distributed
     shutdown_distributed()
     return status
 
 
 def _early_exit(result: dict) -> int | None:
     """The launcher's exit status when a stage ended before finishing, None when it finished."""
-    from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
+    from beit_scale.train.signals import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
     if result.get("diverged"):
         return DIVERGED_EXIT_CODE
     if result.get("stopped"):
@@ -199,7 +199,7 @@ def _main(stage: str, args, env) -> int:
     if stage == "mim":
         tokenizer_path = cfg.tokenizer.checkpoint
         if not tokenizer_path:
-            from beit_scale.train.tasks import tokenizer_path_in
+            from beit_scale.train.tasks.tokenizer import tokenizer_path_in
             tokenizer_path = tokenizer_path_in(run_dir / "tokenizer")
             if not tokenizer_path.exists():
                 # Image, patch and tokenizer grids must agree: say so now, not after training a
@@ -250,8 +250,8 @@ def _save_tokenizer_from_run(run_dir: Path, env) -> None:
     import torch.distributed as dist
     if env.rank == 0:
         from beit_scale.models.dvae import DVAE, DVAEConfig, save_tokenizer
-        from beit_scale.train.checkpoint_reader import consolidated_state_dict
-        from beit_scale.train.tasks import tokenizer_path_in
+        from beit_scale.train.checkpoint.reader import consolidated_state_dict
+        from beit_scale.train.tasks.tokenizer import tokenizer_path_in
         from beit_scale.config import from_dict
         sd, manifest = consolidated_state_dict(run_dir)
         tcfg = from_dict(manifest["config"])

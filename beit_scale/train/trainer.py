@@ -22,11 +22,10 @@ from beit_scale.dist.env import rank0_logger
 from beit_scale.io import atomic_write_text
 from beit_scale.train import optim as optim_lib
 from beit_scale.train.callbacks import CpuMemoryProbe, ImageLogger
-from beit_scale.train.checkpoint import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointManager, SignalFlag,
-                                         agree_stop_and_clock)
-from beit_scale.train.parallelize import (apply_activation_checkpointing, build_engine, engine_grad_norm,
-                                          engine_loss_scale, is_min_loss_scale_error, optimizer_class,
-                                          scheduler_lag)
+from beit_scale.train.checkpoint import TRAINER, CheckpointManager
+from beit_scale.train.engine import (apply_activation_checkpointing, build_engine, engine_grad_norm,
+                                     engine_loss_scale, is_min_loss_scale_error, optimizer_class, scheduler_lag)
+from beit_scale.train.signals import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, SignalFlag, agree_stop_and_clock
 from beit_scale.train.sampler import ResumableSampler, eval_keys
 
 log = rank0_logger()
@@ -109,7 +108,7 @@ class Trainer:
     def __init__(self, cfg: ExperimentCfg, task, ds_config: dict, run_dir: Path,
                  ckpt: CheckpointManager, resume: tuple | None = None, engine_builder=build_engine):
         """`engine_builder(model, optimizer, scheduler, ds_config, device)` makes the engine:
-        DeepSpeed's (parallelize.build_engine), or a stand-in with the same small interface in
+        DeepSpeed's (engine.build_engine), or a stand-in with the same small interface in
         unit tests (tests/test_trainer_unit.py), which need no process group."""
         self.cfg, self.task, self.ds_config, self.run_dir, self.ckpt = cfg, task, ds_config, run_dir, ckpt
         self.resume, self.engine_builder = resume, engine_builder
@@ -208,14 +207,14 @@ class Trainer:
             cb.on_train_start(self)
 
     def _resume(self) -> Path:
-        resumed_from = self.ckpt.load(self.engine, self.resume, self)
-        extra, tensors = self.ckpt.read_task_state(resumed_from)
-        self.task.load_extra_state(extra, tensors)
-        for cb in self.callbacks:
-            if cb.key is not None and extra.get(cb.key) is not None:
-                cb.load_state_dict(extra[cb.key])
-            cb.load_state_tensors(tensors)
-        return resumed_from
+        return self.ckpt.load(self.engine, self.resume, self._stateful())
+
+    def _stateful(self) -> dict:
+        """What a checkpoint keeps beside the engine, by name: the loop's position, the task, and
+        every callback with a key."""
+        states = {TRAINER: self, "task": self.task}
+        states.update({cb.key: cb for cb in self.callbacks if cb.key is not None})
+        return states
 
     def _banner(self, resumed_from) -> None:
         t, e = self.cfg.train, self.engine
@@ -379,12 +378,7 @@ class Trainer:
         return {"diverged": True, "step": self.step}
 
     def _save(self, wait: bool = True) -> None:
-        extra, tensors = self.task.extra_state(), self.task.state_tensors()
-        for cb in self.callbacks:
-            if cb.key is not None:
-                extra[cb.key] = cb.state_dict()
-            tensors.update(cb.state_tensors())
-        self.ckpt.save(self.engine, self, extra, tensors, wait=wait)
+        self.ckpt.save(self.engine, self._stateful(), wait=wait)
 
     def _reduce_metrics(self, sums: dict, n: int) -> dict:
         keys = sorted(sums)

@@ -41,11 +41,11 @@ def main():
             task.step = step
         result = run.train_stage(cfg, ds, run_dir, env, task)
         if result.get("diverged"):  # the launcher's exit status for it; the peers agree (same overflow)
-            from beit_scale.train.checkpoint import DIVERGED_EXIT_CODE
-            from beit_scale.train.parallelize import shutdown_distributed
+            from beit_scale.train.signals import DIVERGED_EXIT_CODE
+            from beit_scale.train.engine import shutdown_distributed
             shutdown_distributed()
             sys.exit(DIVERGED_EXIT_CODE)
-    from beit_scale.train.parallelize import shutdown_distributed
+    from beit_scale.train.engine import shutdown_distributed
     shutdown_distributed()
 
 

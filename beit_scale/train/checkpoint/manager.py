@@ -1,48 +1,18 @@
-"""CheckpointManager: every byte of checkpoint I/O goes through here.
-
-Layout under the run dir::
-
-    checkpoints/
-      LATEST                      name of the newest COMPLETE checkpoint (replaced atomically)
-      latest                      the same name for DeepSpeed's tools (zero_to_fp32.py, load_checkpoint
-                                  without a tag); same bytes, same rule as LATEST
-      zero_to_fp32.py, zero_to_torch.py   DeepSpeed's recovery scripts (ZeRO 1-3), copied by DeepSpeed
-      step_00000100/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed engine)
-        rank_00000.json ...       our per-rank state: step, data position, RNG streams
-        task_state.safetensors    tensors the task keeps beside the model (e.g. the weight EMA),
-                                  written by rank 0; only when the task has any
-        manifest.json             step, samples, world size, ZeRO stage, precision, config,
-                                  every file with its size and CRC32
-        COMPLETE                  written last, after every rank finished writing
-      step_00000100_universal/    (only when resuming on a different number of ranks)
-
-A folder without COMPLETE, or whose files do not match its manifest, is never loaded: auto-resume
-warns and falls back to the previous complete checkpoint.  Old checkpoints are deleted only
-after a newer one is complete, and the newest complete one is never deleted.
-
-Signals: SIGUSR1 / SIGTERM set a flag; the loop finishes the step in flight, all ranks agree
-(one all-reduce), save, and the process exits with REQUEUE_EXIT_CODE so a scheduler script
-knows the job checkpointed and may be requeued.
-
-On pickles: DeepSpeed's engine files are torch pickles and DeepSpeed loads them with
-weights_only=False internally; we cannot change that.  Everything *we* write (manifest, per-rank
-state, exports) is JSON or safetensors and loads without unpickling.
-"""
+"""CheckpointManager: saving, finding, verifying and loading checkpoints (layout: layout.py)."""
 from __future__ import annotations
 
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 import warnings
-import zlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,38 +21,19 @@ import torch.distributed as dist
 from beit_scale.config import ConfigError
 from beit_scale.dist.env import say_rank0
 from beit_scale.io import atomic_write_text
+from beit_scale.train.checkpoint.layout import (COMPLETE, DS_LATEST, LATEST, MANIFEST, TASK_STATE,
+                                                complete_checkpoints_in, file_crc32, read_manifest, step_of,
+                                                tag_for, verify)
 
-REQUEUE_EXIT_CODE = 3          # "checkpointed on a signal; please requeue me"
-DIVERGED_EXIT_CODE = 4         # "training diverged (fp16 overflow at the minimum loss scale); saved; do not requeue"
-MANIFEST, COMPLETE, LATEST = "manifest.json", "COMPLETE", "LATEST"
-# DeepSpeed's own pointer: zero_to_fp32.py (which DeepSpeed copies into checkpoints/) and
-# engine.load_checkpoint(tag=None) read the tag from it.  We never let DeepSpeed write it
-# (save_latest=False: it would name the tag before our COMPLETE exists); rank 0 writes it with
-# LATEST, same content, see CheckpointManager._point_latest.
-DS_LATEST = "latest"
-TASK_STATE = "task_state.safetensors"   # the task's tensors (Task.state_tensors), identical on every rank
-_CRC_CHUNK = 1 << 22
+TRAINER = "trainer"   # the one stateful object every checkpoint must have: the loop's position
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+class Stateful(Protocol):
+    """What the manager saves by name: JSON-able values and tensors in one dict."""
 
+    def state_dict(self) -> dict: ...
 
-def step_of(tag: str) -> int:
-    return int(tag.split("_")[1])
-
-
-def file_crc32(path: Path) -> int:
-    # One reused buffer filled by readinto: f.read(n) allocates (and page-faults) a fresh n-byte
-    # object per chunk, which made this pass ~25% slower (1.1 s vs 0.85 s per GiB here); the rest
-    # is zlib's CRC itself (~1.4 GB/s on one core).
-    crc = 0
-    buf = bytearray(_CRC_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return crc & 0xFFFFFFFF
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -92,6 +43,28 @@ def _write_atomic(path: Path, text: str) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def split_states(states: Mapping[str, Stateful]) -> tuple[dict, dict]:
+    """{name: obj} -> (JSON {name: non-tensor entries}, tensors {"name/key": tensor}); the trainer's
+    own position is not in either (it goes into every rank's JSON file)."""
+    extra, tensors = {}, {}
+    for name, obj in states.items():
+        if name == TRAINER:
+            continue
+        sd = obj.state_dict() or {}
+        extra[name] = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({f"{name}/{k}": v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+    return extra, tensors
+
+
+def states_of(extra: dict, tensors: dict, name: str) -> dict | None:
+    """One name's saved state (JSON entries and tensors together), None if it was not saved."""
+    prefix = name + "/"
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if name not in extra and not mine:
+        return None
+    return {**(extra.get(name) or {}), **mine}
 
 
 # ----------------------------------------------------------------------------- RNG state as JSON
@@ -114,55 +87,6 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
     if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
-
-
-# ----------------------------------------------------------------------------- signals
-
-class SignalFlag:
-    """SIGUSR1/SIGTERM -> finish the step in flight, save, exit REQUEUE_EXIT_CODE."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self):
-        self.name: str | None = None
-        self._old = {}
-
-    @classmethod
-    def install(cls) -> "SignalFlag":
-        flag = cls()
-        for sig in cls.SIGNALS:
-            flag._old[sig] = signal.signal(sig, flag._handler)
-        return flag
-
-    def _handler(self, signum, frame):
-        self.name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def agree_stop_and_clock(signals: SignalFlag, clock_expired: bool, device) -> tuple[bool, bool]:
-    """(stop, save now) on every rank, in one collective and one host sync: stop if any rank got
-    a signal (they may reach ranks at different times); save if rank 0's clock says so (the
-    caller passes False on other ranks)."""
-    flags = torch.tensor([1.0 if signals.name else 0.0, 1.0 if clock_expired else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    stop, clock = (v > 0 for v in flags.tolist())
-    if stop and signals.name is None:
-        signals.name = "signal on another rank"
-    return stop, clock
-
-
-def complete_checkpoints_in(checkpoints_dir: Path) -> list[Path]:
-    """The step folders with a COMPLETE marker, oldest first (the one listing everything uses)."""
-    d = Path(checkpoints_dir)
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_")
-             and not p.name.endswith("_universal") and (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: step_of(p.name))
 
 
 # ----------------------------------------------------------------------------- manager
@@ -209,28 +133,8 @@ class CheckpointManager:
         ckpts = self.complete_checkpoints()
         return step_of(ckpts[-1].name) if ckpts else None
 
-    @staticmethod
-    def verify(path: Path, checksums: bool = True) -> str | None:
-        """None if the checkpoint matches its manifest, else a reason."""
-        if not (path / COMPLETE).exists():
-            return "no COMPLETE marker (the save did not finish)"
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            return f"unreadable manifest: {e}"
-        for rel, info in manifest["files"].items():
-            f = path / rel
-            if not f.exists():
-                return f"missing file {rel}"
-            if f.stat().st_size != info["size"]:
-                return f"{rel} has {f.stat().st_size} bytes, manifest says {info['size']} (truncated?)"
-            if checksums and file_crc32(f) != info["crc32"]:
-                return f"{rel} fails its CRC32 check (corrupted)"
-        return None
-
-    @staticmethod
-    def read_manifest(path: Path) -> dict:
-        return json.loads((Path(path) / MANIFEST).read_text())
+    verify = staticmethod(verify)
+    read_manifest = staticmethod(read_manifest)
 
     def select_resume(self) -> tuple[Path, dict] | None:
         """Which checkpoint to resume from, per checkpoint.resume; raises ConfigError on misuse."""
@@ -342,7 +246,11 @@ class CheckpointManager:
         os.replace(tmp, dst)
 
     # ---------------------------------------------------------------- load
-    def load(self, engine, plan: tuple[Path, str, dict], trainer) -> str:
+    def load(self, engine, plan: tuple[Path, str, dict], states: Mapping[str, Stateful]) -> str:
+        """Load the engine (model, optimizer, scheduler, loss scaler), every rank's RNG streams and
+        each named object of `states` (its `load_state_dict` gets what its `state_dict` gave at the
+        save; an object the checkpoint has nothing for is left as it is).  `states[TRAINER]` is
+        required.  Returns the checkpoint folder."""
         load_dir, tag, manifest = plan
         groups = engine.optimizer.param_groups
         own = [{k: g[k] for k in ("weight_decay", "lr_scale", "name") if k in g} for g in groups]
@@ -367,7 +275,7 @@ class CheckpointManager:
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank_{self.rank:05d}.json"
         state = json.loads((own if same_world and own.exists() else ckpt / "rank_00000.json").read_text())
-        trainer.load_state_dict(state["trainer"])
+        states[TRAINER].load_state_dict(state["trainer"])
         if same_world:
             set_rng_state(state["rng"])
         else:
@@ -376,12 +284,17 @@ class CheckpointManager:
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
+        extra, tensors = self.read_states(ckpt)
+        for name, obj in states.items():
+            saved = states_of(extra, tensors, name) if name != TRAINER else None
+            if saved is not None:
+                obj.load_state_dict(saved)
         _barrier()
         return str(ckpt)
 
     @staticmethod
-    def read_task_state(ckpt: str | Path) -> tuple[dict, dict]:
-        """What the task saved beside the model: (manifest["extra"], tensors of TASK_STATE or {})."""
+    def read_states(ckpt: str | Path) -> tuple[dict, dict]:
+        """What the named objects saved: (manifest["extra"], tensors of TASK_STATE or {})."""
         ckpt = Path(ckpt)
         extra = json.loads((ckpt / MANIFEST).read_text()).get("extra") or {}
         tensors = {}
@@ -402,11 +315,13 @@ class CheckpointManager:
         agree_stop_and_clock, so all ranks save together)."""
         return bool(self.cfg.every_minutes) and time.time() - self._last_save_time >= 60 * self.cfg.every_minutes
 
-    def save(self, engine, trainer, extra: dict, tensors: dict | None = None, *, wait: bool = True) -> Path:
-        """Write a checkpoint of the current step.
+    def save(self, engine, states: Mapping[str, Stateful], *, wait: bool = True) -> Path:
+        """Write a checkpoint of the current step: the engine, and each named object's state_dict().
 
-        `extra` (JSON) goes into the manifest; `tensors` (the task's, the same on every rank) into
-        TASK_STATE, written by rank 0 and covered by the manifest's CRCs.
+        `states[TRAINER]` (step, epoch, offset, samples_seen: all the manager reads of the loop)
+        goes with the RNG streams into every rank's JSON file; the other objects' JSON entries go
+        into the manifest's "extra" under their name, their tensors (the same on every rank) into
+        TASK_STATE as "<name>/<key>", written by rank 0 and covered by the manifest's CRCs.
 
         Every rank writes its files and the ranks meet; what is left is rank 0's *finalization*:
         reading the files back for their CRC32s (the longest part after the write itself, ~0.2 s
@@ -416,8 +331,9 @@ class CheckpointManager:
         previous one.  The next save, ``finish()`` and interpreter exit (the thread is not a
         daemon) wait for it; an error in it is raised there.
         """
-        from beit_scale.train.parallelize import universal_checkpoint_client_state
-        progress = trainer.state_dict()   # step, epoch, offset, samples_seen: all the manager reads of it
+        from beit_scale.train.engine import universal_checkpoint_client_state
+        progress = states[TRAINER].state_dict()
+        extra, tensors = split_states(states)
         step = progress["step"]
         tag = tag_for(step)
         path = self.dir / tag
