@@ -32,11 +32,20 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PY) -c "import torch, torchvision, timm, deepspeed; print('env ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $(STAMP)
 
+# Test-only packages (requirements-test.txt: transformers, dall-e for the interop tests) go into
+# the same venv after the runtime set, for every REQUIREMENTS (the V100 venv too); their own stamp
+# keeps `make demo` from installing them, and editing either file reinstalls.
+TEST_STAMP := $(STAMP)-test
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PIP) install -r requirements-test.txt
+	$(PY) -c "import transformers, dall_e; print('test env ok: transformers', transformers.__version__)"
+	touch $(TEST_STAMP)
+
 # The main job: default MIM pretraining of the small model on the embedded dataset.
 demo: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json
 
-test: venv
+test: $(TEST_STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
 
 zoo: venv

@@ -44,7 +44,7 @@ Int = Annotated[int, _number("int")]
 Float = Annotated[float, _number("float")]
 OptFloat = Annotated[Optional[float], _number("optional")]
 Beta = Annotated[float, _number("float"), Field(ge=0, lt=1)]
-Stage = Literal["tokenizer", "mim", "classify"]
+Stage = Literal["tokenizer", "mim", "classify", "segment"]
 Precision = Literal["fp32", "fp16", "bf16"]
 STAGES, PRECISIONS = typing.get_args(Stage), typing.get_args(Precision)
 
@@ -82,10 +82,21 @@ class DataCfg(_Section):
     # the zoo above this layer: MIMTask.check_geometry checks it, with the tokenizer grid.
     num_mask_patches: Int = Field(75, ge=0, description="masked patches per image, MIM only")
     min_mask_patches: Int = Field(16, ge=1, description="smallest masking block, MIM only")
+    mask_mode: Literal["block", "random"] = Field("block", description="MIM masks: BEiT's blocks, or the same "
+                                                                       "count of patches at random (ablation)")
     crop_min_scale: Float = Field(0.08, gt=0, le=1)
     color_jitter: Float = Field(0.4, ge=0)
     train_split: str = "train"
     val_split: str = "val"
+    reduce_zero_label: bool = Field(False, description="segmentation: label 0 means 'other' (ADE20K): ignore it "
+                                                       "and shift the rest down by one")
+    # Input pipeline at scale (docs/data.md "ImageNet-scale input").
+    format: Literal["folder", "shards"] = Field("folder", description="folder: <split>/<class>/<image>; shards: "
+                                                "<split>/index.json + tars (python -m beit_scale.data.shards write)")
+    index_cache: Optional[str] = Field(None, description="folder format: where the file list is cached with a "
+                                                         "fingerprint; None: the run dir; 'off': list every start")
+    max_unreadable_frac: Float = Field(0.01, ge=0, le=1, description="fail the run when more than this fraction "
+                                                                     "of a split's files is unreadable")
 
 
 class TokenizerCfg(_Section):
@@ -95,6 +106,12 @@ class TokenizerCfg(_Section):
     temperature_start: Float = Field(1.0, gt=0)
     temperature_end: Float = Field(0.0625, gt=0)
     kl_weight: Float = Field(1e-3, ge=0)
+
+
+class MimCfg(_Section):
+    target: Literal["tokens", "pixels"] = Field("tokens", description="what MIM predicts at masked patches: the "
+                                                "tokenizer's visual tokens, or their normalized pixels (ablation; "
+                                                "no tokenizer)")
 
 
 class TrainCfg(_Section):
@@ -133,6 +150,8 @@ class OptimCfg(_Section):
     eps: Float = Field(1e-8, gt=0)
     layer_decay: Float = Field(1.0, gt=0, le=1, description="1.0 = off; fine-tuning uses 0.65 (base) / 0.75 (large)")
     clip_grad: OptFloat = Field(None, ge=0, description="if set, must equal the DeepSpeed file's gradient_clipping")
+    schedule: Literal["cosine", "poly"] = Field("cosine", description="after warm-up: cosine to min_lr, or poly "
+                                                "(power 1: linear to min_lr; the segmentation recipe)")
 
 
 class CheckpointCfg(_Section):
@@ -144,6 +163,27 @@ class CheckpointCfg(_Section):
     resume: str = Field("auto", description="auto | none | PATH")
     overwrite: bool = Field(False, description="allow resume=none in a run dir that has checkpoints")
     background_finalize: bool = Field(True, description="periodic saves: CRC + manifest + COMPLETE on a thread")
+
+
+class GuardCfg(_Section):
+    # The divergence guard (beit_scale/train/guard.py; README "Divergence guard").
+    enabled: bool = Field(True, description="detect NaN, fp16 skip storms and loss spikes; roll back and go on")
+    warmup_steps: Int = Field(200, ge=0, description="spike and skip-storm checks start after this step")
+    loss_window: Int = Field(100, ge=2, description="steps whose median loss a spike is measured against")
+    spike_steps: Int = Field(5, ge=1, description="a spike: the mean loss of the last N steps ...")
+    spike_factor: Float = Field(2.0, gt=1, description="... above this factor x the running median")
+    grad_spike_factor: OptFloat = Field(None, gt=1, description="the same test on the grad norm; None: off")
+    skip_window: Int = Field(50, ge=1, description="fp16: a skip storm is more than max_skips skipped steps ...")
+    max_skips: Int = Field(10, ge=0, description="... within skip_window steps")
+    suspect_steps: Int = Field(20, ge=1, description="checkpoints of the last N steps before a detection are not "
+                                                     "rollback targets (retention keeps an older one)")
+    max_rollbacks: Int = Field(3, ge=0, description="rollbacks allowed within rollback_period steps; past it: "
+                                                    "diagnostic checkpoint, report, exit status 5")
+    rollback_period: Int = Field(1000, gt=0)
+    lr_factor: Float = Field(1.0, gt=0, le=1, description="after a rollback, lr x this factor ...")
+    lr_factor_steps: Int = Field(0, ge=0, description="... for this many steps (0: off)")
+    inject: Optional[str] = Field(None, description="fault injection for tests and drills (off): "
+                                                    "KIND@STEP[/RANK][xFACTOR],... KIND nan | grad | spike")
 
 
 class InitCfg(_Section):
@@ -166,17 +206,40 @@ class FinetuneCfg(_Section):
     rand_augment: Optional[str] = Field(None, description="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1")
 
 
+class SegmentCfg(_Section):
+    # Semantic segmentation only (stage segment). The crop is model.img_size.
+    decoder: Literal["upernet", "pup"] = Field("upernet", description="UperNet (the official numbers) or "
+                                               "SETR-PUP (the paper's description)")
+    channels: Int = Field(512, gt=0, description="decoder width")
+    aux_head: bool = Field(True, description="auxiliary FCN head on the stride-16 level (training only)")
+    aux_weight: Float = Field(0.4, ge=0)
+    aux_channels: Int = Field(256, gt=0)
+    layout: Literal["auto", "ade20k", "folder"] = Field("auto", description="ade20k: images/ + annotations/; "
+                                                        "folder: <split>/ + masks/<split>/")
+    ratio_range: tuple[Float, Float] = Field((0.5, 2.0), description="random resize ratio of the train scale")
+    cat_max_ratio: Float = Field(0.75, gt=0, le=1, description="random crops: max share of one class")
+    photometric: bool = True
+    eval_mode: Literal["slide", "whole"] = "slide"
+    eval_stride: Int = Field(0, ge=0, description="sliding-window stride; 0: 2/3 of the crop (341 at 512)")
+    out_indices: Optional[list[Int]] = Field(None, description="UperNet: the 4 blocks (0-based) it reads; None: "
+                                             "evenly spaced (official: [3, 5, 7, 11] Base, [7, 11, 15, 23] Large)")
+    num_images: Int = Field(4, ge=0, description="images in the prediction overlays (tensorboard, final PNG)")
+
+
 class ExperimentCfg(_Section):
     stage: Stage = "mim"
     precision: Optional[Precision] = Field(None, description="None: the DeepSpeed file decides")
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
+    mim: MimCfg = Field(default_factory=MimCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
     optim: OptimCfg = Field(default_factory=OptimCfg)
     checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+    guard: GuardCfg = Field(default_factory=GuardCfg)
     init: InitCfg = Field(default_factory=InitCfg)
     finetune: FinetuneCfg = Field(default_factory=FinetuneCfg)
+    segment: SegmentCfg = Field(default_factory=SegmentCfg)
 
     # Rules across fields live here, not on TrainCfg: run.fit_embedded_batch assigns
     # `t.global_batch, t.micro_batch = ...` one at a time, and the state in between may break them.
@@ -187,9 +250,17 @@ class ExperimentCfg(_Section):
         if t.global_batch % t.micro_batch:
             problems.append(f"train.global_batch={t.global_batch} is not a multiple of "
                             f"train.micro_batch={t.micro_batch}")
+        if self.stage == "mim" and self.mim.target == "pixels" and self.tokenizer.checkpoint:
+            problems.append(f"mim.target=pixels regresses pixels and uses no tokenizer, but tokenizer.checkpoint="
+                            f"{self.tokenizer.checkpoint} is set; remove it, or use mim.target=tokens")
         if self.stage == "classify" and (f.mixup > 0 or f.cutmix > 0) and t.micro_batch % 2:
             problems.append(f"mixup/cutmix mix each sample with its mirror in the batch and need an even "
                             f"train.micro_batch (got {t.micro_batch})")
+        if self.stage == "segment" and self.model.num_classes > 255:
+            problems.append(f"model.num_classes={self.model.num_classes}: segmentation labels are 8-bit "
+                            f"(255 = ignored), so at most 255 classes")
+        if self.segment.ratio_range[0] > self.segment.ratio_range[1]:
+            problems.append(f"segment.ratio_range={list(self.segment.ratio_range)} must be [low, high]")
         if problems:
             raise ValueError("\n".join(problems))
         return self

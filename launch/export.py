@@ -2,10 +2,13 @@
 
     python launch/export.py RUN_DIR_OR_CHECKPOINT --format safetensors --out model.safetensors
     python launch/export.py runs/finetune --format timm --out beit_timm.safetensors
+    python launch/export.py runs/finetune --format hf --out beit_hf/   # a transformers directory
 
 RUN_DIR_OR_CHECKPOINT is a run dir (its newest intact checkpoint) or one checkpoint folder
 (.../checkpoints/step_00001000).  --format safetensors keeps our parameter names (the whole model
-of the stage); --format timm writes timm's Beit layout (see docs/checkpoint.md).  Exit status 2
+of the stage); --format timm writes timm's Beit layout (see docs/checkpoint.md); --format hf writes
+a directory that transformers' BeitForImageClassification / BeitForMaskedImageModeling / BeitModel
+load with from_pretrained (see docs/interop.md).  Exit status 2
 with one message when the input cannot be exported.
 """
 import argparse
@@ -20,9 +23,10 @@ USAGE_ERROR_EXIT = 2
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="run dir or checkpoint folder")
-    p.add_argument("--format", choices=("safetensors", "timm"), default="safetensors")
+    p.add_argument("--format", choices=("safetensors", "timm", "hf"), default="safetensors")
     p.add_argument("--out", default=None,
-                   help="output file (default: RUN_DIR/exports/<model>-<stage>-step<N>-<format>.safetensors)")
+                   help="output file, a directory for --format hf (default: "
+                        "RUN_DIR/exports/<model>-<stage>-step<N>-<format>.safetensors, or ...-hf/)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the strict load into timm before writing (--format timm)")
     args = p.parse_args(argv)
@@ -36,7 +40,8 @@ def main(argv=None) -> int:
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR_EXIT
-    size = out.stat().st_size / 2**20
+    files = list(out.iterdir()) if out.is_dir() else [out]
+    size = sum(f.stat().st_size for f in files) / 2**20
     desc = ", ".join(f"{k}={meta[k]}" for k in ("model", "stage", "step", "format", "num_classes",
                                                  "vocab_size", "img_size", "timm_model") if k in meta)
     print(f"exported {out} ({size:.1f} MiB): {desc}")

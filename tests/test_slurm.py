@@ -319,3 +319,17 @@ def test_scaling_study_sbatch_runs_a_grid_across_node_counts(slurm, tmp_path, to
         assert " --cpus-per-task=1 " in cmd_line, cmd_line   # from the allocation's SLURM_CPUS_PER_TASK
         assert f"| {r['world']} rank(s) on cpu |" in (out / "points" / r["id"] / "log.txt").read_text()
     assert (out / "scaling_efficiency.png").exists() and "r1x2" in (out / "report.md").read_text()
+
+
+def test_guard_exit_status_is_not_requeued(slurm, tmp_path):
+    """The divergence guard gives up with GUARD_EXIT_CODE (5) after its bound (tests/test_guard.py
+    checks the trainer side): the sbatch wrapper must not requeue it, as it would a status 3."""
+    from beit_scale.train.guard import GUARD_EXIT_CODE
+    entry = tmp_path / "gives_up.py"
+    entry.write_text(f"import sys\nprint('guard: giving up', flush=True)\nsys.exit({GUARD_EXIT_CODE})\n")
+    job, run_dir, log = submit(slurm, tmp_path, str(entry), 4)
+    state, code = wait_done(slurm, job, log, timeout=60)
+    text = log.read_text()
+    assert (state, code) == ("FAILED", GUARD_EXIT_CODE), describe(slurm, log)
+    assert "not requeueing: training diverged (status 5" in text and "requeueing job" not in text
+    assert slurm.job_field(job, "Restarts") == "0"

@@ -11,11 +11,19 @@ Bad files: a file that cannot be decoded (truncated JPEG, non-image bytes) is sk
 warning naming it, recorded (``SafeImageFolder.bad_files`` and the per-process
 ``bad_file_report()``), and replaced by the next readable index, so batch shapes never change.
 In DataLoader workers the warning is printed by the worker (the main process's report does
-not see worker-side files); ``SafeImageFolder.verify()`` scans everything up front if a
-complete list is wanted in the main process.
+not see worker-side files); to count them across workers and ranks, set the folder's
+``journal`` to a shared directory (the trainer uses the run dir): each process records every
+unreadable file there as one file named after the path, so ``read_journal(dir)`` lists each
+unreadable file exactly once however many workers, ranks or epochs met it.
+``SafeImageFolder.verify()`` scans everything up front if a complete list is wanted at once.
+
+Unusual but readable images are used, converted to RGB: grayscale, palette, RGBA/LA (alpha
+dropped), CMYK, and 16-bit PNGs (scaled to 8 bits, not clipped: PIL's own ``convert`` would
+saturate every level above 255 to white).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import warnings
@@ -25,8 +33,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from beit_scale.io import atomic_write_text
+
+from .file_index import load_index
+from .transforms import decode_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -49,26 +61,64 @@ def bad_file_summary(max_names: int = 5) -> str | None:
     return f"skipped {len(bad)} unreadable image file(s): {names}{more}"
 
 
-class SafeImageFolder:
-    """``root/<class>/**/<image>`` -> ``samples = [(path, class_index)]`` (sorted classes)."""
+def _journal_name(path: str) -> str:
+    return hashlib.sha1(path.encode()).hexdigest()[:20] + ".txt"
 
-    def __init__(self, root: str | os.PathLike):
+
+def record_in_journal(journal: str | os.PathLike, path: str, reason: str) -> None:
+    """Record one unreadable file in ``journal`` (a directory): one small file per path, so
+    any number of workers and ranks record it at most once. Never raises."""
+    try:
+        out = Path(journal) / _journal_name(path)
+        if out.exists():
+            return
+        atomic_write_text(out, f"{path}\t{reason}\n")  # readers never see half a record
+    except OSError as e:
+        warnings.warn(f"could not record unreadable file {path} in {journal}: {e}", RuntimeWarning)
+
+
+def read_journal(journal: str | os.PathLike) -> list[tuple[str, str]]:
+    """``[(path, reason), ...]`` sorted by path: every unreadable file recorded in ``journal``."""
+    d = Path(journal)
+    if not d.is_dir():
+        return []
+    out = []
+    for f in d.glob("*.txt"):
+        try:
+            path, _, reason = f.read_text().rstrip("\n").partition("\t")
+        except OSError:
+            continue
+        out.append((path, reason))
+    return sorted(out)
+
+
+class SafeImageFolder:
+    """``root/<class>/**/<image>`` -> ``samples = [(path, class_index)]`` (sorted classes).
+
+    The file list comes from ``file_index.load_index``: with ``index_cache`` (a directory, e.g.
+    the run dir's; None: ``file_index.default_cache_dir()``) it is cached with a fingerprint of
+    the folder's directories, so a restart does not list the files again and a changed folder
+    is listed anew; False (the default) lists every time. ``wait_for_index``: another process
+    (rank 0) is building the index; wait for it instead of listing too.
+
+    ``journal``: a directory where every unreadable file is recorded once (see module doc)."""
+
+    def __init__(self, root: str | os.PathLike, *, index_cache=False, wait_for_index: bool = False,
+                 journal: str | os.PathLike | None = None):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.root} does not exist (or is not a directory). Expected "
                 f"the ImageFolder layout {self.root}/<class_name>/<image>.jpg; set it with "
                 f"data.path (leave data.path unset for the built-in synthetic dataset).")
-        self.classes = sorted(e.name for e in os.scandir(self.root)
-                              if e.is_dir() and not e.name.startswith("."))
+        index = load_index(self.root, IMG_EXTENSIONS, cache=index_cache, wait=wait_for_index)
+        self.index_source = index.source  # "listed" or "cache" (what start-up cost)
+        self.classes = index.classes
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples: list[tuple[str, int]] = []
-        for c in self.classes:
-            for dirpath, dirnames, files in os.walk(self.root / c, followlinks=True):
-                dirnames.sort()
-                for f in sorted(files):
-                    if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
-                        self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))
+        base = str(self.root)
+        self.samples: list[tuple[str, int]] = [(os.path.join(base, rel), c)
+                                               for rel, c in index.samples]
+        self.journal = journal
         if not self.samples:
             hint = ""
             if (self.root / "train").is_dir():
@@ -84,34 +134,52 @@ class SafeImageFolder:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> Image.Image | None:
-        """Image ``i`` as RGB, or None (with a warning, recorded once) if it cannot be read."""
+    def read_bytes(self, i: int) -> bytes:
+        with open(self.samples[i][0], "rb") as f:
+            return f.read()
+
+    def name(self, i: int) -> str:
+        """What reports call sample ``i`` (its path)."""
+        return self.samples[i][0]
+
+    def load(self, i: int, decode: Callable[[bytes], object] | None = None):
+        """Sample ``i`` decoded by ``decode(bytes)`` (default: ``decode_rgb``, a PIL RGB image),
+        or None (with a warning, recorded once) if it cannot be read or decoded."""
         if i in self._bad:
             return None
-        path = self.samples[i][0]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                return img.convert("RGB")  # convert() forces the full decode inside the try
+            return (decode or decode_rgb)(self.read_bytes(i))
         except Exception as e:  # noqa: BLE001 - any decoder failure must not kill a worker
-            reason = f"{type(e).__name__}: {e}"
-            self._bad.add(i)
-            self.bad_files.append((path, reason))
-            _BAD_FILES[path] = reason
-            warnings.warn(f"skipping unreadable image file {path} ({reason})", RuntimeWarning,
-                          stacklevel=2)
+            self._mark_bad(i, f"{type(e).__name__}: {e}")
             return None
 
-    def load_good(self, i: int) -> tuple[Image.Image, int]:
-        """Image ``i``, or if it is unreadable the next readable one: ``(image, index_used)``."""
+    def _mark_bad(self, i: int, reason: str) -> None:
+        path = self.name(i)
+        self._bad.add(i)
+        self.bad_files.append((path, reason))
+        _BAD_FILES[path] = reason
+        if self.journal is not None:
+            record_in_journal(self.journal, path, reason)
+        warnings.warn(f"skipping unreadable image file {path} ({reason})", RuntimeWarning,
+                      stacklevel=3)
+
+    def candidates(self, i: int) -> Iterator[int]:
+        """``i``, then the following indices (cyclically), skipping files known unreadable."""
         n = len(self.samples)
         for k in range(n):
             j = (i + k) % n
-            img = self.load(j)
-            if img is not None:
-                return img, j
+            if j not in self._bad:
+                yield j
         raise RuntimeError(f"every image under {self.root} is unreadable; see the warnings "
                            f"above (first: {self.bad_files[:1]})")
+
+    def load_good(self, i: int, decode=None) -> tuple[object, int]:
+        """Image ``i``, or if it is unreadable the next readable one: ``(image, index_used)``."""
+        for j in self.candidates(i):
+            img = self.load(j, decode)
+            if img is not None:
+                return img, j
+        raise AssertionError("unreachable: candidates() raises when every file is unreadable")
 
     def verify(self) -> list[tuple[str, str]]:
         """Decode every file once in this process; return the unreadable ones."""
@@ -167,8 +235,14 @@ def seeded(seed: int) -> Iterator[np.random.Generator]:
 
 
 class _KeyedDataset(Dataset):
-    def __init__(self, folder: SafeImageFolder | str | os.PathLike, transform: Callable):
-        self.folder = folder if isinstance(folder, SafeImageFolder) else SafeImageFolder(folder)
+    """A folder (``SafeImageFolder`` or ``shards.ShardFolder``) + a stage transform.
+
+    A transform may define ``decode(bytes)``: then the folder hands it the encoded bytes and it
+    decodes only what the sample needs (see transforms.py), inside the folder's error
+    handling; otherwise it gets a decoded PIL RGB image."""
+
+    def __init__(self, folder, transform: Callable):
+        self.folder = folder if hasattr(folder, "load") else SafeImageFolder(folder)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -179,6 +253,20 @@ class _KeyedDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {len(self.folder)} images")
         return index % n
+
+    def _sample(self, key, make: Callable):
+        """``make(image, index_used, rng)`` for the first readable file from the key's index on.
+
+        Each attempt is seeded afresh from the key, so a substitute's sample does not depend
+        on whether this process already knew the skipped file was bad (worker independence)."""
+        index, seed = parse_key(key)
+        decode = getattr(self.transform, "decode", None)
+        for j in self.folder.candidates(self._index(index)):
+            with seeded(seed) as rng:
+                img = self.folder.load(j, decode)
+                if img is not None:
+                    return make(img, j, rng)
+        raise AssertionError("unreachable: candidates() raises when every file is unreadable")
 
 
 class MIMDataset(_KeyedDataset):
@@ -194,22 +282,18 @@ class MIMDataset(_KeyedDataset):
         self.masker = masker
 
     def __getitem__(self, key):
-        index, seed = parse_key(key)
-        img, _ = self.folder.load_good(self._index(index))
-        with seeded(seed) as rng:
+        def make(img, _j, rng):
             big, small = self.transform(img)
             mask = np.asarray(self.masker(rng), dtype=bool)
-        return big, small, torch.from_numpy(mask.reshape(-1).copy())
+            return big, small, torch.from_numpy(mask.reshape(-1).copy())
+        return self._sample(key, make)
 
 
 class TokenizerDataset(_KeyedDataset):
     """key -> ``(img_112 uint8,)`` for training the dVAE (``to_float_image(x, False)``: [0,1])."""
 
     def __getitem__(self, key):
-        index, seed = parse_key(key)
-        img, _ = self.folder.load_good(self._index(index))
-        with seeded(seed):
-            return (self.transform(img),)
+        return self._sample(key, lambda img, _j, _rng: (self.transform(img),))
 
 
 class ClassifyDataset(_KeyedDataset):
@@ -222,10 +306,8 @@ class ClassifyDataset(_KeyedDataset):
         return len(self.folder.classes)
 
     def __getitem__(self, key):
-        index, seed = parse_key(key)
-        img, j = self.folder.load_good(self._index(index))
-        with seeded(seed):
-            return self.transform(img), self.folder.samples[j][1]
+        return self._sample(key, lambda img, j, _rng: (self.transform(img),
+                                                       self.folder.samples[j][1]))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -7,6 +7,14 @@ here, on first use, and cached:
     <root>/val/<class_name>/<n>.jpg
     <root>/labels.json        class list + how each class is drawn
     <root>/.complete.json     marker: generation parameters; written last
+    <root>/masks/<split>/<class_name>/<n>.png   segmentation variant only (``masks=True``)
+
+The segmentation variant (``ensure_synthetic_segmentation``, its own cache folder) writes the
+same JPEGs plus, in a parallel ``masks/`` tree (so an ImageFolder over ``train/`` never sees
+them), one 8-bit PNG per image: 0 = background, 1 + f for the pixels of an object of shape
+family f (the distractors included, later objects over earlier ones); ``labels.json`` lists the
+``seg_classes``. 11 classes told apart by outline and texture, hue only a bias: a decoder has
+to learn shapes, not colours.
 
 Each class is a *shape family* (discs, squares, triangles, striped slabs, ...) drawn 2-4 times
 per image at random positions, scales, rotations and colours, over a textured background that
@@ -76,14 +84,31 @@ class SyntheticParams:
     seed: int = 0
     jpeg_quality: int = 90
     version: int = FORMAT_VERSION
+    masks: bool = False  # write segmentation masks too
 
 
-def default_root() -> Path:
-    """``$BEIT_SCALE_DATA_CACHE/synthetic_v1`` or ``~/.cache/beit_scale/synthetic_v1``."""
+SEG_SUBDIR = "synthetic_seg_v1"
+MASK_DIR = "masks"
+SEG_CLASSES = ["background"] + list(FAMILIES)  # mask value v names SEG_CLASSES[v]
+
+
+def _marker(params: SyntheticParams) -> dict:
+    """The marker's content. ``masks`` appears only when set, so the classification sets
+    generated before the segmentation variant existed stay valid."""
+    d = asdict(params)
+    if not d["masks"]:
+        del d["masks"]
+    return d
+
+
+def default_root(masks: bool = False) -> Path:
+    """``$BEIT_SCALE_DATA_CACHE/synthetic_v1`` or ``~/.cache/beit_scale/synthetic_v1``
+    (``synthetic_seg_v1`` for the segmentation variant)."""
+    sub = SEG_SUBDIR if masks else DEFAULT_SUBDIR
     base = os.environ.get(ENV_CACHE)
     if base:
-        return Path(base).expanduser() / DEFAULT_SUBDIR
-    return Path("~/.cache/beit_scale").expanduser() / DEFAULT_SUBDIR
+        return Path(base).expanduser() / sub
+    return Path("~/.cache/beit_scale").expanduser() / sub
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -203,11 +228,20 @@ def _fill(family: str, rng: np.random.Generator, base: np.ndarray, yy: np.ndarra
 
 def render_image(params: SyntheticParams, split: str, cls: int, n: int) -> Image.Image:
     """Image ``n`` of class ``cls`` in ``split``: a pure function of its arguments."""
+    return render_sample(params, split, cls, n)[0]
+
+
+def render_sample(params: SyntheticParams, split: str, cls: int,
+                  n: int) -> tuple[Image.Image, np.ndarray]:
+    """``(image, labels uint8 [size, size])``: the image of ``render_image`` and its per-pixel
+    shape-family labels (``SEG_CLASSES``). Computing the labels draws no random numbers, so the
+    image is the same with or without them."""
     split_id = {"train": 0, "val": 1}[split]
     rng = np.random.default_rng([params.seed, split_id, cls, n])
     size = params.image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     img = _background(rng, size, yy, xx)
+    labels = np.zeros((size, size), np.uint8)
 
     family = _FAMILY_NAMES[cls % len(_FAMILY_NAMES)]
     # Past 10 classes the same family comes back with a shifted palette and saturation.
@@ -234,8 +268,9 @@ def render_image(params: SyntheticParams, split: str, cls: int, n: int) -> Image
         win = (slice(y0, y1), slice(x0, x1))
         fill = _fill(fam, rng, base, yy[win] - cy, xx[win] - cx, r)
         img[win] = img[win] * (1 - mask) + fill * mask
+        labels[win][mask[..., 0] >= 0.5] = 1 + _FAMILY_NAMES.index(fam)
     img += rng.standard_normal(img.shape, dtype=np.float32) * 0.015  # sensor-like grain
-    return Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+    return Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB"), labels
 
 
 # ----------------------------------------------------------------------------- cache
@@ -287,24 +322,32 @@ def _generate_into(tmp: Path, params: SyntheticParams) -> None:
         for c, name in enumerate(names):
             d = tmp / split / name
             d.mkdir(parents=True)
+            md = tmp / MASK_DIR / split / name
+            if params.masks:
+                md.mkdir(parents=True)
             for n in range(per_class):
-                render_image(params, split, c, n).save(
-                    d / f"{n:05d}.jpg", "JPEG", quality=params.jpeg_quality)
+                img, lab = render_sample(params, split, c, n)
+                img.save(d / f"{n:05d}.jpg", "JPEG", quality=params.jpeg_quality)
+                if params.masks:
+                    Image.fromarray(lab).save(md / f"{n:05d}.png")  # uint8 2-D: mode L
     labels = {
         "classes": names,
         "families": {name: FAMILIES[_FAMILY_NAMES[c % len(_FAMILY_NAMES)]]
                      for c, name in enumerate(names)},
         "generator": "beit_scale.data.synthetic",
     }
+    if params.masks:
+        labels["seg_classes"] = SEG_CLASSES
     (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
     # The marker is the last thing written: a directory without it is never trusted.
-    (tmp / MARKER).write_text(json.dumps(asdict(params), sort_keys=True))
+    (tmp / MARKER).write_text(json.dumps(_marker(params), sort_keys=True))
 
 
 def ensure_synthetic_imagefolder(root: str | os.PathLike | None = None, *, num_classes: int = 10,
                                  train_per_class: int = 260, val_per_class: int = 50,
                                  image_size: int = 160, seed: int = 0,
-                                 jpeg_quality: int = 90, verbose: bool = True) -> Path:
+                                 jpeg_quality: int = 90, verbose: bool = True,
+                                 masks: bool = False) -> Path:
     """Return the root of the synthetic ImageFolder, generating it first if needed.
 
     Reuses ``root`` when its marker matches the parameters. A marker with other parameters
@@ -312,12 +355,12 @@ def ensure_synthetic_imagefolder(root: str | os.PathLike | None = None, *, num_c
     without a marker is not ours: we refuse to touch it.
     """
     params = SyntheticParams(num_classes, train_per_class, val_per_class, image_size, seed,
-                             jpeg_quality)
+                             jpeg_quality, masks=masks)
     if num_classes < 1 or train_per_class < 1 or val_per_class < 1 or image_size < 32:
         raise ValueError(f"synthetic dataset needs num_classes, train_per_class, val_per_class "
                          f">= 1 and image_size >= 32, got {params}")
-    root = Path(root).expanduser() if root is not None else default_root()
-    want = asdict(params)
+    root = Path(root).expanduser() if root is not None else default_root(masks)
+    want = _marker(params)
     marker = _read_marker(root)
     if marker == want:
         return root
@@ -358,3 +401,9 @@ def ensure_synthetic_imagefolder(root: str | os.PathLike | None = None, *, num_c
     if verbose:
         print(f"[beit_scale] synthetic dataset ready in {time.time() - t0:.1f}s", flush=True)
     return root
+
+
+def ensure_synthetic_segmentation(root: str | os.PathLike | None = None, **kwargs) -> Path:
+    """The embedded segmentation set: ``ensure_synthetic_imagefolder(..., masks=True)`` in its
+    own cache folder (``synthetic_seg_v1``); same images, plus ``masks/<split>/...png``."""
+    return ensure_synthetic_imagefolder(root, masks=True, **kwargs)

@@ -10,7 +10,7 @@ from growing with depth at init.
 Parameter names follow timm where the concept is the same (``blocks.3.attn.qkv.weight``,
 ``fc_norm``, ``head`` ...), so conversion (convert.py) only renames the relative-position tables.
 This module imports nothing distributed; parallelism and activation checkpointing are applied
-from outside (train/parallelize.py wraps ``model.blocks``).
+from outside (train/engine.py wraps ``model.blocks``).
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ from .config import BeitConfig, resolve_config
 __all__ = [
     "BeitBackbone", "BeitClassifier", "BeitForMIM", "Block", "Attention", "RelativePositionBias",
     "relative_position_index", "resize_rel_pos_bias_table", "resize_abs_pos_embed", "drop_path",
+    "MIM_TARGETS",
 ]
 
 LN_EPS = 1e-6  # BEiT / timm use 1e-6, not PyTorch's 1e-5: matters for exact timm parity
 # Parameter dtypes for which a Block carries the residual stream in float32 (see Block).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+MIM_TARGETS = ("tokens", "pixels")  # what BeitForMIM's head predicts at masked patches
 
 
 def trunc_normal_(t: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
@@ -186,6 +188,10 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.rel_pos = RelativePositionBias(grid, num_heads) if grid is not None else None
         self.proj = nn.Linear(dim, dim)
+        # keep_probs=True (BeitBackbone.last_attention, for attention maps): softmax computed
+        # explicitly, since SDPA never materializes the probabilities, and kept in `probs`.
+        self.keep_probs = False
+        self.probs: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -197,7 +203,12 @@ class Attention(nn.Module):
             mask = self.rel_pos() if mask is None else mask + self.rel_pos()
         if mask is not None:
             mask = mask.to(q.dtype)  # under autocast q is half precision, SDPA wants equal dtypes
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.keep_probs:
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            self.probs = (scores if mask is None else scores + mask).softmax(dim=-1)
+            x = self.probs @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -354,6 +365,42 @@ class BeitBackbone(nn.Module):
         Returned in the parameters' dtype; in a half-precision model the residual stream between
         the blocks is float32 (see ``Block._forward_fp32_residual``).
         """
+        x, rel = self._embed(x, bool_masked_pos)
+        for blk in self.blocks:
+            x = blk(x, rel_pos_bias=rel)  # float32 between blocks when the model is half
+        # Back to the parameters' dtype for the heads (a no-op in float32, and under autocast,
+        # whose fp32 weights keep the stream in float32 by type promotion anyway).
+        return x.to(self.cls_token.dtype)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Images -> tokens [B, 1+N, D] after each block in ``indices`` (0-based, repeats
+        allowed), in the parameters' dtype; blocks after the last one asked for are not run.
+        Dense-prediction decoders (models/decoders.py) read several depths of the backbone."""
+        if not indices or min(indices) < 0 or max(indices) >= len(self.blocks):
+            raise ValueError(f"block indices {list(indices)} must lie in [0, {len(self.blocks)})")
+        x, rel = self._embed(x)
+        outs = {}
+        for i, blk in enumerate(self.blocks[: max(indices) + 1]):
+            x = blk(x, rel_pos_bias=rel)
+            if i in indices:
+                outs[i] = x.to(self.cls_token.dtype)
+        return [outs[i] for i in indices]
+
+    @torch.no_grad()
+    def last_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the last block's attention probabilities [B, heads, 1+N, 1+N] (float32 rows
+        that sum to 1; query/key 0 is the cls token, then the patches in row-major order)."""
+        attn = self.blocks[-1].attn
+        attn.keep_probs = True
+        try:
+            self.forward_features(x)
+            return attn.probs.float()
+        finally:
+            attn.keep_probs, attn.probs = False, None
+
+    def _embed(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None):
+        """Patch embedding, [MASK] substitution, cls token, absolute position: the tokens the
+        first block sees, and the shared relative-position bias (or None)."""
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
         if bool_masked_pos is not None:
             if getattr(self, "mask_token", None) is None:
@@ -365,11 +412,7 @@ class BeitBackbone(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         rel = self.shared_rel_pos() if self.shared_rel_pos is not None else None
-        for blk in self.blocks:
-            x = blk(x, rel_pos_bias=rel)  # float32 between blocks when the model is half
-        # Back to the parameters' dtype for the heads (a no-op in float32, and under autocast,
-        # whose fp32 weights keep the stream in float32 by type promotion anyway).
-        return x.to(self.cls_token.dtype)
+        return x, rel
 
     # -- optimizer helpers -------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
@@ -433,21 +476,30 @@ class BeitForMIM(BeitBackbone):
     ``forward(x, bool_masked_pos)`` returns logits [num_masked_total, vocab_size] for the masked
     positions only, in row-major order of ``bool_masked_pos`` [B, N] (also accepts [B, gh, gw]),
     i.e. aligned with ``tokens[bool_masked_pos]``.
+
+    ``target="pixels"`` (the paper's pixel-regression ablation): the same linear head, named
+    ``lm_head`` too so that checkpoint tools treat both alike, with patch_size^2 * in_chans
+    outputs, the masked patches' pixels (loss: models/mim_pixels.py).
     """
 
     task = "mim"
 
-    def __init__(self, cfg: BeitConfig):
+    def __init__(self, cfg: BeitConfig, target: str = "tokens"):
         super().__init__(resolve_config(cfg, "mim"))
+        if target not in MIM_TARGETS:
+            raise ValueError(f"unknown MIM target {target!r}; choose one of {MIM_TARGETS}")
         D = cfg.embed_dim
+        self.target = target
         self.mask_token = nn.Parameter(torch.empty(1, 1, D))
         self.norm = nn.LayerNorm(D, eps=LN_EPS)
-        self.lm_head = nn.Linear(D, cfg.vocab_size)
+        out = cfg.vocab_size if target == "tokens" else cfg.patch_size ** 2 * cfg.in_chans
+        self.lm_head = nn.Linear(D, out)
         self.init_weights()
 
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
                 masked_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits of the masked patches, [num_masked_total, vocab], row-major over (image, patch).
+        """Logits (or pixels) of the masked patches, [num_masked_total, vocab (or patch^2*C)],
+        row-major over (image, patch).
 
         `masked_index` [B, K] (each row's masked positions, ascending), when every image has the
         same K masked patches, selects them with a gather of known size; boolean indexing has to

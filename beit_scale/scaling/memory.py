@@ -97,6 +97,14 @@ step and backward creates them while it frees activations, so there the peak is 
 optimizer + tokenizer + max(activations, grads + buffers).  Both were checked against the CPU
 tensor high-water mark of real runs (docs/scaling_study.md).
 
+Segmentation (``task='segment'``, CLI ``--task seg``): the fine-tuning backbone (per-layer tables, no
+classifier) plus a decoder (``SegHeadConfig``: UperNet or SETR-PUP, optional auxiliary FCN head).
+Its parameters are counted exactly (``decoder_params``, tested against the built model); its
+activations by an op-by-op walk of models/decoders.py (``decoder_activation_bytes``: what
+autograd keeps, within 0.2 % of the saved tensors; the fp32 log-softmax of each head at full
+resolution; and, as the transient, what is alive at the end of the forward), checked against the
+CPU tensor high-water mark of a forward + backward within 4 % (tests/test_segmentation.py).
+
 Overhead (``overhead_bytes``), our stated allowance: 1 GiB fixed for the CUDA context, cuBLAS
 workspaces and NCCL's internal buffers, plus 10 % of everything the caching allocator holds, for
 fragmentation. Both are parameters. The fit check compares ``total_bytes`` with the card's nominal
@@ -114,13 +122,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from beit_scale.models.decoders import SegHeadConfig, evenly_spaced_blocks, norm_groups
 from beit_scale.models.zoo import BeitConfig, get_config, list_models, resolve_config
 from beit_scale.scaling.peaks import FIT_GPUS, GPUS
 
 __all__ = [
     "ParamCount", "count_params", "TokenizerSpec", "DALLE_TOKENIZER", "MemoryEstimate",
     "model_state_bytes", "block_saved_bytes", "activation_breakdown", "estimate", "max_micro_batch",
-    "fit_table", "main",
+    "fit_table", "main", "decoder_params", "decoder_activation_bytes", "SEG_DEFAULT_HEAD",
 ]
 
 GiB = 2 ** 30
@@ -137,6 +146,8 @@ DEFAULT_PERSISTENCE_THRESHOLD = int(1e5)
 RESIDUAL_STREAM_BYTES = 4
 # BEiT masks 75 of 196 patches (~40 %); other grids keep the same fraction.
 MASK_FRACTION = 75 / 196
+TASK_CHOICES = ("mim", "classify", "segment")
+SEG_DEFAULT_HEAD = SegHeadConfig()  # ADE20K: 150 classes, UperNet 512, aux FCN 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,11 +167,47 @@ def _as_config(model: Union[str, BeitConfig], task: str, img_size: Optional[int]
         raise TypeError(f"model must be a zoo name or a BeitConfig, got {type(model).__name__}")
     if img_size is not None and img_size != cfg.img_size:
         cfg = cfg.replace(img_size=img_size)
-    return resolve_config(cfg, task)
+    if task not in TASK_CHOICES:
+        raise ValueError(f"task={task!r}: expected one of {TASK_CHOICES}")
+    # the segmenter's backbone is the fine-tuning one (per-layer rel-pos tables)
+    return resolve_config(cfg, "classify" if task == "segment" else task)
+
+
+def decoder_params(cfg: BeitConfig, head: SegHeadConfig) -> list[tuple[str, list[int]]]:
+    """(owner module, [tensor sizes]) of a segmentation decoder; mirrors models/decoders.py
+    (convs before a GroupNorm have no bias)."""
+    D, C, A, K = cfg.embed_dim, head.channels, head.aux_channels, head.num_classes
+
+    def cna(cin, cout, k):                      # conv (no bias) + GroupNorm
+        return [("conv", [cin * cout * k * k]), ("norm", [cout, cout])]
+
+    mods: list[tuple[str, list[int]]] = []
+    if head.decoder == "upernet":
+        mods += [("norm", [D, D])] * 4                                  # neck LayerNorms
+        deconv = ("deconv", [D * D * 4, D])
+        mods += [deconv, ("norm", [D, D]), deconv, deconv]              # up4 (2 + GN), up2
+        for _ in range(4):                                              # PPM branches
+            mods += cna(D, C, 1)
+        mods += cna(D + 4 * C, C, 3)                                    # PPM fuse
+        for _ in range(3):
+            mods += cna(D, C, 1)                                        # laterals
+        for _ in range(3):
+            mods += cna(C, C, 3)                                        # FPN convs
+        mods += cna(4 * C, C, 3)                                        # fuse
+    else:
+        mods.append(("norm", [D, D]))
+        stages = max(1, round(math.log2(cfg.patch_size)))
+        for i in range(stages):
+            mods += cna(D if i == 0 else C, C, 3)
+    mods.append(("cls", [C * K, K]))
+    if head.aux_head:
+        mods += cna(D, A, 3) + [("cls", [A * K, K])]
+    return mods
 
 
 @functools.lru_cache(maxsize=None)
-def _count(cfg: BeitConfig, task: str, threshold: int) -> ParamCount:
+def _count(cfg: BeitConfig, task: str, threshold: int,
+           head: Optional[SegHeadConfig] = None) -> ParamCount:
     D, M, H, depth = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.depth
     gh, gw = cfg.grid_size
     rel_rows = (2 * gh - 1) * (2 * gw - 1) + 3
@@ -186,6 +233,8 @@ def _count(cfg: BeitConfig, task: str, threshold: int) -> ParamCount:
             modules.append(("gamma", [D, D]))
     if task == "mim":
         modules += [("norm", [D, D]), ("lm_head", [D * cfg.vocab_size, cfg.vocab_size])]
+    elif task == "segment":
+        modules += [("decoder", sizes) for _, sizes in decoder_params(cfg, head or SEG_DEFAULT_HEAD)]
     else:
         modules.append(("norm", [D, D]))                        # fc_norm
         if cfg.num_classes > 0:
@@ -201,9 +250,12 @@ def _count(cfg: BeitConfig, task: str, threshold: int) -> ParamCount:
 
 
 def count_params(model: Union[str, BeitConfig], task: str = "mim", img_size: Optional[int] = None,
-                 persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> ParamCount:
-    """Exact parameter count of ``build_model(model, task)`` without building it."""
-    return _count(_as_config(model, task, img_size), task, persistence_threshold)
+                 persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD,
+                 head: Optional[SegHeadConfig] = None) -> ParamCount:
+    """Exact parameter count of ``build_model(model, task)`` (task "segment":
+    ``build_segmenter(cfg, head)``, default ``SEG_DEFAULT_HEAD``) without building it."""
+    return _count(_as_config(model, task, img_size), task, persistence_threshold,
+                  (head or SEG_DEFAULT_HEAD) if task == "segment" else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,11 +436,78 @@ def block_saved_bytes(cfg: BeitConfig, micro_batch: int, precision: str = "fp16"
     return B * S * per_token + probs + gamma_copies
 
 
+def decoder_activation_bytes(cfg: BeitConfig, head: SegHeadConfig, micro_batch: int,
+                             precision: str = "fp16", norm_stats_bytes: int = 4) -> dict:
+    """Bytes a segmentation decoder and its loss keep for backward, and its backward transient.
+
+    Walks models/decoders.py op by op: a conv keeps its input, GroupNorm its input and per-group
+    mean/rstd, (in-place) ReLU its output, GELU its input, max pooling its int64 indices,
+    Dropout2d its [B, C] mask (its output is kept by the classifier conv); bilinear resizes, adds
+    and concatenations keep nothing (their outputs are kept by the next conv). The block outputs
+    the decoder reads are new tensors only where nothing else keeps them (the last block's, in
+    fp32; each one's half copy in fp16/bf16). Loss: an fp32 log-softmax at the input resolution
+    per head, and the int64 labels once. Transient: see below (what is alive at the forward's
+    end, which is above the start of backward's fp32 logit gradients)."""
+    B, D, C, A, K = micro_batch, cfg.embed_dim, head.channels, head.aux_channels, head.num_classes
+    a = 2 if precision in ("fp16", "bf16") else 4
+    g = cfg.grid_size[0]
+    S, HW = cfg.num_patches + 1, cfg.img_size ** 2
+    G = lambda c: norm_groups(c, head.groups)  # noqa: E731 - as the model clamps them
+
+    def cna(c, area):        # GroupNorm input + ReLU output + the norm's mean/rstd
+        return B * (2 * c * area * a + 2 * G(c) * norm_stats_bytes)
+
+    ln_stats = B * S * 2 * norm_stats_bytes
+    if head.decoder == "upernet":
+        idx = head.out_indices or evenly_spaced_blocks(cfg.depth)
+        new_tokens = (1 if a == 4 else len(set(idx))) * B * S * D * a
+        s0, s1, s3 = 4 * g, 2 * g, -(-g // 2)
+        saved = new_tokens + 4 * ln_stats + 4 * B * D * g * g * a              # LN, maps
+        saved += B * D * s1 * s1 * a * 3 + B * 2 * G(D) * norm_stats_bytes     # up4: GN in, GELU in, deconv in
+        saved += B * D * (s0 * s0 + s1 * s1 + s3 * s3) * a                     # levels 0, 1, 3
+        saved += B * D * s3 * s3 * 8                                           # max-pool indices
+        for b in (1, 2, 3, 6):                                                 # PPM branches
+            saved += B * D * b * b * a + cna(C, b * b)
+        saved += B * (D + 4 * C) * s3 * s3 * a + cna(C, s3 * s3)               # PPM fuse
+        for side in (s0, s1, g):                                               # lateral, FPN conv
+            saved += cna(C, side * side) + B * C * side * side * a + cna(C, side * side)
+        saved += B * 4 * C * s0 * s0 * a + cna(C, s0 * s0)                     # fuse
+        final_side = s0
+    else:
+        stages = max(1, round(math.log2(cfg.patch_size)))
+        saved = B * S * D * a + ln_stats + B * D * g * g * a                   # LN, map
+        for i in range(stages):
+            side = g * 2 ** i
+            saved += cna(C, side * side) + (B * C * side * side * a if i else 0)
+        final_side = g * 2 ** stages
+    saved += B * C * a + B * C * final_side ** 2 * a                           # dropout mask, cls in
+    heads = 1
+    if head.aux_head:
+        heads = 2
+        if head.decoder == "pup":
+            saved += B * D * g * g * a                                         # the aux map copy
+        saved += cna(A, g * g) + B * A * a + B * A * g * g * a
+    loss = heads * B * K * HW * 4 + B * HW * 8
+    # Largest tensors alive but not kept (measured with the CPU tensor probe): at the end of the
+    # forward every head's logits (model dtype), the fp32 copy the last loss upcasts in half
+    # precision, and one logit-sized working copy inside cross-entropy; PUP, mid-forward, its
+    # full-resolution upsampled map (alive beside the dropout output it is turned into).
+    tail = B * K * HW * (heads * a + 4 + (4 if a == 2 else 0))
+    mid = B * C * final_side ** 2 * a if head.decoder == "pup" else 0
+    transient = max(tail, mid)
+    return {"decoder_saved": int(saved), "seg_loss_saved": int(loss),
+            "decoder_backward_transient": int(transient)}
+
+
 def activation_breakdown(cfg: BeitConfig, task: str, micro_batch: int, act_ckpt: bool = False,
                          precision: str = "fp16", attention: str = "sdpa",
-                         num_masked: Optional[int] = None) -> dict:
+                         num_masked: Optional[int] = None,
+                         head: Optional[SegHeadConfig] = None) -> dict:
     """Activation bytes at the backward peak, by part (see the module docstring for what is
-    counted). ``cfg`` must be resolved for ``task`` (rel_pos_bias not 'auto')."""
+    counted). ``cfg`` must be resolved for ``task`` (rel_pos_bias not 'auto'). Task "segment":
+    the backbone without a classifier plus ``decoder_activation_bytes`` (``head``, default
+    ``SEG_DEFAULT_HEAD``); its backward transient is the larger of the decoder's and a block's,
+    which come at different times."""
     block_full = block_saved_bytes(cfg, micro_batch, precision, attention)
     B, D, M, H = micro_batch, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads
     a = 2 if precision in ("fp16", "bf16") else 4
@@ -419,6 +538,8 @@ def activation_breakdown(cfg: BeitConfig, task: str, micro_batch: int, act_ckpt:
     if task == "mim":
         masked = num_masked if num_masked is not None else round(cfg.num_patches * MASK_FRACTION)
         rows, width = B * masked, cfg.vocab_size
+    elif task == "segment":
+        rows, width = 0, 0
     else:
         rows, width = B, cfg.num_classes
     # norm input/output and its fp32 mean/rstd per row, the fp32 log-softmax, int64 targets;
@@ -435,6 +556,10 @@ def activation_breakdown(cfg: BeitConfig, task: str, micro_batch: int, act_ckpt:
         attn_grad = B * H * S * S_pad * a if cfg.rel_pos_bias != "none" else 0
     out["backward_transient"] = (B * S * (r * D + a * D + 2 * M * a) + attn_grad
                                  + rows * width * logit_transient)
+    if task == "segment":
+        dec = decoder_activation_bytes(cfg, head or SEG_DEFAULT_HEAD, B, precision)
+        out["decoder_saved"], out["seg_loss_saved"] = dec["decoder_saved"], dec["seg_loss_saved"]
+        out["backward_transient"] = max(out["backward_transient"], dec["decoder_backward_transient"])
     return out
 
 
@@ -461,6 +586,7 @@ def estimate(model: Union[str, BeitConfig], zero: int, gpus: int, micro_batch: i
              attention: str = "sdpa", gpus_per_node: Optional[int] = None,
              tokenizer: Optional[TokenizerSpec] = DALLE_TOKENIZER,
              num_masked: Optional[int] = None,
+             head: Optional[SegHeadConfig] = None,
              reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET, overlap_comm: bool = True,
              prefetch_bucket_size: int = DEFAULT_PREFETCH_BUCKET,
              persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD,
@@ -470,17 +596,20 @@ def estimate(model: Union[str, BeitConfig], zero: int, gpus: int, micro_batch: i
 
     ``model``: zoo name or BeitConfig. ``tokenizer=None`` for MIM from precomputed targets.
     ``gpus_per_node`` (default ``min(gpus, 8)``) only affects the host-memory peak per node.
+    ``head``: the decoder of task "segment" (default ``SEG_DEFAULT_HEAD``: UperNet, 150 classes).
     """
     _check_choices(zero, gpus, precision, offload)
     if micro_batch < 0:
         raise ValueError(f"micro_batch={micro_batch} must be >= 0")
     cfg = _as_config(model, task, img_size)
-    pc = _count(cfg, task, persistence_threshold)
+    head = (head or SEG_DEFAULT_HEAD) if task == "segment" else None
+    pc = _count(cfg, task, persistence_threshold, head)
     P, L = pc.total, pc.largest_layer
     a = 2 if precision in ("fp16", "bf16") else 4
 
     ms = model_state_bytes(P, L, zero, gpus, precision, offload)
-    acts = activation_breakdown(cfg, task, micro_batch, act_ckpt, precision, attention, num_masked)
+    acts = activation_breakdown(cfg, task, micro_batch, act_ckpt, precision, attention, num_masked,
+                                head)
     backbone = sum(acts.values())
     tok_weights = tok_peak = 0
     if task == "mim" and tokenizer is not None:
@@ -563,7 +692,7 @@ def fit_table(gpus: int = 16, models: Optional[list] = None, gpu_names=FIT_GPUS,
             "'-' = not even 1 fits)", "",
             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name in models:
-        n = count_params(name, kw.get("task", "mim"), kw.get("img_size")).total
+        n = count_params(name, kw.get("task", "mim"), kw.get("img_size"), head=kw.get("head")).total
         for zero in (0, 1, 2, 3):
             for ckpt in (False, True):
                 cells = []
@@ -583,7 +712,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m beit_scale.scaling.memory",
         description="Analytic per-GPU memory of BEiT training under DeepSpeed ZeRO.")
     p.add_argument("--model", default="beit_base_patch16_224", help="zoo name")
-    p.add_argument("--task", default="mim", choices=("mim", "classify"))
+    p.add_argument("--task", default="mim", choices=("mim", "classify", "seg", "segment"),
+                   help="seg = segment: backbone + decoder (--decoder, --num-classes)")
+    p.add_argument("--decoder", default="upernet", choices=("upernet", "pup"))
+    p.add_argument("--num-classes", type=int, default=150, help="segmentation classes (ADE20K: 150)")
+    p.add_argument("--decoder-channels", type=int, default=512)
+    p.add_argument("--no-aux-head", action="store_true", help="segmentation without the FCN aux head")
     p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
     p.add_argument("--gpus", type=int, default=16, help="total data-parallel ranks")
     p.add_argument("--gpus-per-node", type=int, default=None)
@@ -604,11 +738,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    kw = dict(precision=args.precision, img_size=args.img_size, task=args.task,
+    task = "segment" if args.task == "seg" else args.task
+    head = SegHeadConfig(num_classes=args.num_classes, decoder=args.decoder,
+                         channels=args.decoder_channels, aux_head=not args.no_aux_head)
+    kw = dict(precision=args.precision, img_size=args.img_size, task=task,
               attention=args.attention, gpus_per_node=args.gpus_per_node,
               tokenizer=None if args.no_tokenizer else DALLE_TOKENIZER,
               reduce_bucket_size=int(args.reduce_bucket_size),
               overlap_comm=not args.no_overlap_comm)
+    if task == "segment":
+        kw["head"] = head
     offload = None if args.offload in (None, "none") else args.offload
     try:
         if args.fit:

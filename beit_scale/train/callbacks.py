@@ -8,6 +8,8 @@ and `load_state_dict()` gets the same dict back on resume.
 
   on_build_start(trainer)            before the model is built (nothing allocated for it yet)
   on_train_start(trainer)            engine built, resume loaded, before the first step
+  load_state_dict(state)             on resume, and again mid-training when the divergence guard
+                                     rolls back (train/guard.py): it must take effect at once
   on_step_end(trainer)               after each optimizer step (trainer.step already counts it)
   eval_batch(trainer, batch, n_valid) -> {name: sum tensor}   extra sums beside the task's
   on_eval_end(trainer, result)       after the task's finish_eval; may add entries to `result`
@@ -53,15 +55,16 @@ class Callback:
 # ----------------------------------------------------------------------------- the trainer's own
 
 class ImageLogger(Callback):
-    """Every `every` steps, the task's pictures of the last batch (tokenizer: input vs
-    reconstruction) to tensorboard.  Runs on every rank: the task's forward may be a collective
-    (ZeRO-3); only rank 0 has a writer."""
+    """Every `every` steps and at the last step, the task's pictures of the last batch
+    (tokenizer: input vs reconstruction; MIM: decoded predictions) to tensorboard.  Runs on every
+    rank: the task's forward may be a collective (ZeRO-3); only rank 0 has a writer."""
 
     def __init__(self, every: int):
         self.every = every
 
     def on_step_end(self, trainer) -> None:
-        if self.every and trainer.step % self.every == 0:
+        # The last step too: what the finished model predicts is the picture a report shows.
+        if self.every and (trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps):
             writer = trainer.metrics.tb if trainer.metrics is not None else None
             trainer.task.log_images(writer, trainer.engine, trainer.last_batch, trainer.step)
 
@@ -173,7 +176,10 @@ class EMACallback(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         saved = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        if saved:
+        if saved and self.ema is not None:
+            # mid-training (the divergence guard's rollback): the EMA goes back with the weights
+            self.ema.load_state_dict(saved)
+        elif saved:
             self._saved = saved
         else:
             self.say("note: the checkpoint has no weight EMA (saved with finetune.ema off?); "

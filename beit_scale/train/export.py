@@ -1,4 +1,5 @@
-"""Consolidated fp32 weights out of a DeepSpeed checkpoint, and export to safetensors / timm.
+"""Consolidated fp32 weights out of a DeepSpeed checkpoint, and export to safetensors / timm /
+transformers (a directory).
 
 `consolidated_state_dict(run_dir_or_checkpoint)` accepts a run dir (its newest valid checkpoint),
 a checkpoint folder (`.../checkpoints/step_00000100`) and returns (fp32 state dict, manifest).
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 # Everything below turns a checkpoint into a self-describing safetensors file (tensors + string
 # metadata, nothing to unpickle), in our parameter names or in timm's Beit layout.
 
-EXPORT_FORMATS = ("safetensors", "timm")
+EXPORT_FORMATS = ("safetensors", "timm", "hf")
 LAYOUT_OURS, LAYOUT_TIMM = "beit_scale.beit", "timm.beit"
 EXPORT_VERSION = "1"
 # timm registers these two sizes; our config must equal timm's defaults for them to be used by name.
@@ -126,6 +127,8 @@ def export_checkpoint(path: str | Path, fmt: str = "safetensors", out: str | Pat
     fmt='timm': timm's Beit names and layout (classify: loads strictly into timm with the same
     num_classes; MIM: the backbone, see _mim_backbone_to_timm).  verify=True loads the result
     strictly into a timm model before writing.
+    fmt='hf': a directory (config.json + model.safetensors) for transformers' BEiT classes; the
+    returned path is the directory (default RUN/exports/<model>-<stage>-step<N>-hf).
     """
     from beit_scale.config import from_dict
     if fmt not in EXPORT_FORMATS:
@@ -135,8 +138,8 @@ def export_checkpoint(path: str | Path, fmt: str = "safetensors", out: str | Pat
     stage, step = manifest.get("stage"), int(manifest["step"])
     if stage not in ("tokenizer", "mim", "classify"):
         raise ExportError(f"{path}: manifest has stage={stage!r}; expected tokenizer, mim or classify")
-    if stage == "tokenizer" and fmt == "timm":
-        raise ExportError(f"{path} is a tokenizer (dVAE) checkpoint: timm has no dVAE, so --format timm "
+    if stage == "tokenizer" and fmt in ("timm", "hf"):
+        raise ExportError(f"{path} is a tokenizer (dVAE) checkpoint: {fmt} has no dVAE, so --format {fmt} "
                           f"does not apply; use --format safetensors (a tokenizer file for tokenizer.checkpoint)")
     cfg = from_dict(manifest["config"])
     model = build_stage_model(cfg)
@@ -165,9 +168,14 @@ def export_checkpoint(path: str | Path, fmt: str = "safetensors", out: str | Pat
         meta.update(task=model.task, img_size=bcfg.img_size, patch_size=bcfg.patch_size,
                     model_config=json.dumps(bcfg.to_dict(), sort_keys=True))
         if stage == "mim":
-            meta["vocab_size"] = bcfg.vocab_size
+            meta["mim_target"] = model.target  # pixels: lm_head has patch_size^2 * 3 outputs, no vocabulary
+            if model.target == "tokens":
+                meta["vocab_size"] = bcfg.vocab_size
         else:
             meta["num_classes"] = bcfg.num_classes
+        if fmt == "hf":
+            out = out or Path(meta["source"]).parent.parent / "exports" / f"{meta['model']}-{stage}-step{step}-hf"
+            return _write_hf_dir(model, meta, out)
         if fmt == "safetensors":
             meta.update(format=LAYOUT_OURS, contents="backbone+" + ("mim_head" if stage == "mim" else "classifier_head"))
             tensors = ours
@@ -193,6 +201,26 @@ def export_checkpoint(path: str | Path, fmt: str = "safetensors", out: str | Pat
         out = root / "exports" / f"{meta['model']}-{stage}-step{step}-{fmt}.safetensors"
     meta = {k: str(v) for k, v in meta.items()}
     return save_safetensors(tensors, out, meta), meta
+
+
+def _write_hf_dir(model, meta: dict, out: str | Path) -> tuple[Path, dict]:
+    """A transformers directory: ``config.json`` + ``model.safetensors`` in the names and layout
+    of BeitForImageClassification (classify) / BeitForMaskedImageModeling (MIM), which BeitModel
+    also loads (models/hf.py). Returns (directory, the safetensors metadata)."""
+    from beit_scale.io import atomic_write_text
+    from beit_scale.models.hf import hf_config, to_hf
+    if getattr(model, "target", "tokens") != "tokens":
+        raise ExportError(f"{meta['source']}: a mim.target={model.target} run has no transformers "
+                          f"class (BeitForMaskedImageModeling predicts visual tokens); export it with "
+                          f"--format timm (the backbone) or --format safetensors")
+    meta.update(format="pt", layout="transformers.beit", contents=f"{model.task} model, transformers names")
+    meta = {k: str(v) for k, v in meta.items()}  # "format": "pt" is what transformers checks for
+    cfg = hf_config(model.cfg, model.task)
+    cfg["beit_scale_export"] = {k: meta[k] for k in ("model", "stage", "step", "source")}
+    out = Path(out)
+    save_safetensors(to_hf(model.state_dict()), out / "model.safetensors", meta)
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out, meta
 
 
 def read_export_metadata(path: str | Path) -> dict:

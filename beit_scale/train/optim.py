@@ -54,23 +54,28 @@ def describe_groups(groups: list[dict], base_lr: float) -> str:
     return "\n".join(lines)
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, base_lr: float, min_lr: float) -> float:
-    """Linear warmup to 1, then cosine to min_lr/base_lr (multiplier on each group's lr)."""
+def lr_factor(step: int, warmup_steps: int, max_steps: int, base_lr: float, min_lr: float,
+              schedule: str = "cosine", power: float = 1.0) -> float:
+    """Linear warmup to 1, then cosine (or poly: (1 - progress)^power, the segmentation recipe)
+    to min_lr/base_lr (multiplier on each group's lr)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     floor = min_lr / base_lr
+    if schedule == "poly":
+        return floor + (1 - floor) * (1 - progress) ** power
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer_and_schedule(groups: list[dict], lr: float, betas, eps: float, warmup_steps: int,
-                                 max_steps: int, min_lr: float, optimizer_cls=torch.optim.AdamW):
+                                 max_steps: int, min_lr: float, optimizer_cls=torch.optim.AdamW,
+                                 schedule: str = "cosine"):
     torch_groups = []
     for g in groups:
         torch_groups.append({"params": g["params"], "weight_decay": g["weight_decay"],
                              "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"], "name": g["name"]})
     opt = optimizer_cls(torch_groups, lr=lr, betas=tuple(betas), eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warmup_steps, max_steps, lr, min_lr))
+        opt, lambda s: lr_factor(s, warmup_steps, max_steps, lr, min_lr, schedule))
     return opt, sched

@@ -48,6 +48,15 @@ EMBEDDED = {
         "train": {"max_steps": 200, "global_batch": 32, "micro_batch": 16, "log_every": 10, "eval_batches": 0},
         "optim": {"lr": 2e-3, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_steps": 20, "layer_decay": 0.65},
     },
+    # The embedded segmentation set (11 classes: background + 10 shape families), 128 px crops.
+    "segment": {
+        "model": {"name": "beit_mini", "drop_path": 0.1, "num_classes": 11, "img_size": 128},
+        "segment": {"channels": 64, "aux_channels": 32},
+        "train": {"max_steps": 200, "global_batch": 16, "micro_batch": 8, "log_every": 10, "eval_every": 100,
+                  "eval_batches": 0},
+        "optim": {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_steps": 20, "layer_decay": 0.65,
+                  "schedule": "poly"},
+    },
 }
 
 
@@ -121,6 +130,11 @@ def prepare(stage: str, args, env, run_dir: Path | None = None, defaults: dict |
     """Config + DeepSpeed JSON + resume plan, all before any process group."""
     cfg, yaml_d, set_d = build_config(stage, args.config, list(args.set) + list(extra_sets or []),
                                       defaults=defaults if defaults is not None else EMBEDDED[stage])
+    from beit_scale.train.guard import parse_faults
+    try:
+        parse_faults(cfg.guard.inject)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.config is None and defaults is None:
         note = fit_embedded_batch(cfg, env.world_size, yaml_d, set_d)
         if note:
@@ -183,9 +197,12 @@ def main(stage: str, argv=None, description: str = "") -> int:
 
 def _early_exit(result: dict) -> int | None:
     """The launcher's exit status when a stage ended before finishing, None when it finished."""
+    from beit_scale.train.guard import GUARD_EXIT_CODE
     from beit_scale.train.signals import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
     if result.get("diverged"):
         return DIVERGED_EXIT_CODE
+    if result.get("guard_gave_up"):
+        return GUARD_EXIT_CODE
     if result.get("stopped"):
         return REQUEUE_EXIT_CODE
     if result.get("paused"):
@@ -196,7 +213,7 @@ def _early_exit(result: dict) -> int | None:
 def _main(stage: str, args, env) -> int:
     cfg, ds, run_dir = prepare(stage, args, env)
     tokenizer_path = None
-    if stage == "mim":
+    if stage == "mim" and cfg.mim.target == "tokens":  # pixel targets: no tokenizer to train or load
         tokenizer_path = cfg.tokenizer.checkpoint
         if not tokenizer_path:
             from beit_scale.train.tasks.tokenizer import tokenizer_path_in
@@ -270,6 +287,9 @@ def final_report(run_dir: Path) -> str:
              f"metrics      {run_dir / 'metrics.jsonl'}",
              f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard'}",
              f"checkpoints  {run_dir / 'checkpoints'}"]
+    from beit_scale.train.viz_callbacks import PNG_NAME
+    if (run_dir / PNG_NAME).exists():
+        lines.append(f"predictions  {run_dir / PNG_NAME} (MIM predictions at masked patches, decoded)")
     mpath = run_dir / "metrics.jsonl"
     if mpath.exists():
         evals = [json.loads(ln) for ln in mpath.read_text().splitlines() if '"kind": "eval"' in ln]
@@ -279,8 +299,14 @@ def final_report(run_dir: Path) -> str:
                 lines.append(f"MIM accuracy {last['val_mim_acc']:.4f} on held-out masked patches vs "
                              f"{last['val_majority_acc']:.4f} for the most frequent token "
                              f"({last['val_acc_over_majority']:.2f}x)")
+            if "val_pixel_mse" in last:
+                lines.append(f"MIM pixels   MSE {last['val_pixel_mse']:.4f} on held-out normalized masked patches "
+                             f"vs {last['val_pixel_mse_zero']:.4f} for predicting each patch's mean")
             if "val_top1" in last:
                 lines.append(f"top-1        {last['val_top1']:.4f} (top-5 {last.get('val_top5', float('nan')):.4f})")
+            if "val_mIoU" in last:
+                lines.append(f"segmentation mIoU {last['val_mIoU']:.4f}, mAcc {last['val_mAcc']:.4f}, aAcc "
+                             f"{last['val_aAcc']:.4f}; overlays {run_dir / 'segmentation_predictions.png'}")
             if "val_recon_mse" in last:
                 lines.append(f"tokenizer    reconstruction MSE {last['val_recon_mse']:.5f}, "
                              f"perplexity {last['val_perplexity']:.1f}")

@@ -25,6 +25,7 @@ from beit_scale.train.callbacks import CpuMemoryProbe, ImageLogger
 from beit_scale.train.checkpoint import TRAINER, CheckpointManager
 from beit_scale.train.engine import (apply_activation_checkpointing, build_engine, engine_grad_norm,
                                      engine_loss_scale, is_min_loss_scale_error, optimizer_class, scheduler_lag)
+from beit_scale.train.guard import Guard
 from beit_scale.train.signals import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, SignalFlag, agree_stop_and_clock
 from beit_scale.train.sampler import ResumableSampler, eval_keys
 
@@ -142,7 +143,8 @@ class Trainer:
             log.info("layer-wise lr decay groups:\n" + optim_lib.describe_groups(groups, cfg.optim.lr))
         opt, sched = optim_lib.build_optimizer_and_schedule(
             groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps,
-            cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=optimizer_class(self.ds_config))
+            cfg.train.max_steps, cfg.optim.min_lr, optimizer_cls=optimizer_class(self.ds_config),
+            schedule=cfg.optim.schedule)
         self.engine = self.engine_builder(model, opt, sched, self.ds_config, self.device)
         self.device = self.engine.device
         self.task.prepare(self.device)
@@ -186,7 +188,12 @@ class Trainer:
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.mem_probe = CpuMemoryProbe(t.cpu_mem_profile_steps)
-        self.callbacks = [self.mem_probe, ImageLogger(t.image_log_every)] + self.task.callbacks()
+        # The divergence guard is called by the loop itself (after_step, before the other callbacks
+        # see the weights); it is in the list for its state and its on_train_start.
+        self.guard = Guard(cfg.guard) if cfg.guard.enabled else None
+        self.agreed = None   # (stop, save now) when the guard's per-step all-reduce already agreed on them
+        self.callbacks = [self.mem_probe, ImageLogger(t.image_log_every)] + self.task.callbacks() + \
+            ([self.guard] if self.guard is not None else [])
         self._build()
         resumed_from = self._resume() if self.resume is not None else None
         if self.is_main:
@@ -224,7 +231,9 @@ class Trainer:
         log.info(f"[{self.task.name}] {name}: {n_params / 1e6:.2f}M params | {self.world} rank(s) on "
                  f"{self.device.type} | ZeRO {e.zero_optimization_stage()} | {prec} | global batch {t.global_batch} "
                  f"= {t.micro_batch} x {self.world} x {e.gradient_accumulation_steps()} | {len(self.train_ds)} "
-                 f"training images | act ckpt blocks {self.ckpt_blocks or 'none'}")
+                 f"training images | act ckpt blocks {self.ckpt_blocks or 'none'}"
+                 + (f" | MIM target {self.cfg.mim.target}, {self.cfg.data.mask_mode} masking"
+                    if self.task.name == "mim" else ""))
         if resumed_from:
             log.info(f"resumed from {resumed_from} at step {self.step} (epoch {self.epoch}, "
                      f"{self.offset} samples into it)")
@@ -240,8 +249,11 @@ class Trainer:
         self.ckpt.start_clock()
         try:
             while self.step < t.max_steps:
-                if not self._train_step():
-                    return "diverged"
+                outcome = self._train_step()
+                if outcome == "rolled_back":
+                    continue   # the state is now an older checkpoint's: nothing new to log or save
+                if outcome:
+                    return outcome
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self._log()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
@@ -266,19 +278,25 @@ class Trainer:
             batch = next(self.data_iter)
         return batch
 
-    def _train_step(self) -> bool:
-        """One optimizer step (gradient accumulation inside); False if fp16 training diverged."""
+    def _train_step(self) -> str | None:
+        """One optimizer step (gradient accumulation inside).  None when done; "diverged" (fp16 at
+        the minimum loss scale overflowed again), or the guard's "rolled_back" / "gave_up"."""
         t = self.cfg.train
-        for _ in range(self.engine.gradient_accumulation_steps()):
+        accum = self.engine.gradient_accumulation_steps()
+        step_loss = 0.0
+        for _ in range(accum):
             batch = self._next_batch()
             loss, m = self.task.step(self.engine, batch, self.step)
+            if self.guard is not None:
+                loss = self.guard.maybe_inject(loss, self.step + 1, self.rank)   # guard.inject only
+                step_loss = step_loss + loss.detach().float()
             try:
                 self.engine.backward(loss)
                 self.engine.step()
             except Exception as e:  # noqa: BLE001 - only DeepSpeed's min-loss-scale abort is handled
                 if not is_min_loss_scale_error(e):
                     raise
-                return False
+                return "diverged"
             self.offset += t.micro_batch * self.world
             for k, v in dict(m, loss=loss).items():
                 self.sums[k] = self.sums.get(k, 0) + v.detach().float().to(self.device)
@@ -287,9 +305,21 @@ class Trainer:
         self.samples_seen += t.global_batch
         self.window_samples += t.global_batch
         self.last_batch = batch
+        if self.guard is not None:
+            outcome = self.guard.after_step(self, step_loss / accum)   # the step's one collective
+            if outcome is not None:
+                return outcome
         for cb in self.callbacks:
             cb.on_step_end(self)
-        return True
+        return None
+
+    def continue_from(self, epoch: int, offset: int) -> None:
+        """After the guard rolled the state back: read data from (epoch, offset) on, not from the
+        restored checkpoint's position; the metric sums of the abandoned steps are dropped."""
+        self.epoch, self.offset, self.data_iter = epoch, offset, None
+        self.sums, self.n_sums = {}, 0
+        self.window_start, self.window_samples = time.time(), 0
+        self.start_time, self.start_step = time.time(), self.step
 
     def _log(self) -> None:
         """metrics.jsonl, tensorboard and one progress line with the ETA (rank 0); every rank
@@ -312,6 +342,7 @@ class Trainer:
         if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
+        record["unreadable_train"] = self._unreadable_count(self.cfg.data.train_split, len(self.train_ds))
         record["step_time_s"] = elapsed / max(self.window_samples / t.global_batch, 1)
         if self.flops_per_sample:
             record["flops_per_sample"] = self.flops_per_sample
@@ -331,11 +362,14 @@ class Trainer:
         """Save when due; on a signal or train.stop_at_step save and return why we stop.
 
         Signals and rank 0's checkpoint clock cost one collective and one host sync every
-        train.sync_every steps, not every step."""
+        train.sync_every steps, not every step (none of their own with the guard on: its per-step
+        all-reduce carries them)."""
         t = self.cfg.train
         stop = clock = False
         if self.step % t.sync_every == 0:
-            stop, clock = agree_stop_and_clock(self.signals, self.is_main and self.ckpt.clock_expired(), self.device)
+            agreed, self.agreed = self.agreed, None
+            stop, clock = agreed or agree_stop_and_clock(self.signals, self.is_main and self.ckpt.clock_expired(),
+                                                         self.device)
         planned = bool(t.stop_at_step) and self.step >= t.stop_at_step
         if stop or planned:
             self._save()
@@ -351,6 +385,9 @@ class Trainer:
             self._save()
         if reason == "diverged":
             return self._diverged()
+        if reason == "gave_up":   # the guard saved its diagnostic checkpoint and report; the weights may be bad
+            self._close()
+            return {"guard_gave_up": True, "step": self.step}
         if reason == "stop_at_step":
             log.info(f"stopped at train.stop_at_step={t.stop_at_step} with a checkpoint; run the same "
                      f"command without it to continue")
@@ -410,21 +447,57 @@ class Trainer:
             if valid == 0:
                 out = {k: torch.zeros_like(v) for k, v in out.items()}
             for k, v in out.items():
-                sums[k] = sums.get(k, 0) + v.float()
+                # float64 stays float64: counts past 2^24 (a segmentation confusion matrix over
+                # a validation set) are not exact in float32
+                sums[k] = sums.get(k, 0) + (v if v.dtype == torch.float64 else v.float())
         self.engine.train()
         if dist.is_initialized():
             for k in sorted(sums):
                 dist.all_reduce(sums[k])
         result = self.task.finish_eval(sums)
+        unreadable_val = self._unreadable_count(self.cfg.data.val_split, len(ds))
         for cb in self.callbacks:
             cb.on_eval_end(self, result)
         if self.is_main:
-            self.metrics.write(dict(result, step=self.step), prefix="eval")
+            self.metrics.write(dict(result, step=self.step, unreadable_val=unreadable_val), prefix="eval")
             for line in self.task.summary(result):
                 log.info(line)
         return result
 
+    def _unreadable_count(self, split: str, total: int) -> int:
+        """Unreadable files of `split` met so far by any worker of any rank, each counted once (the
+        run dir's journal, beit_scale/data/datasets.py); the ranks agree on it (MAX), so more than
+        data.max_unreadable_frac of the split fails the run on every rank at once."""
+        n = torch.tensor([len(self.task.unreadable(split))], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        n = int(n.item())
+        limit = self.cfg.data.max_unreadable_frac
+        if n > limit * total:
+            self._report_unreadable()
+            raise RuntimeError(f"{n} of the {total} files of the '{split}' split are unreadable, more than "
+                               f"data.max_unreadable_frac={limit}; the list is in "
+                               f"{self.run_dir / 'unreadable_files.txt'}. Fix or remove those files, or "
+                               f"raise data.max_unreadable_frac")
+        return n
+
+    def _report_unreadable(self) -> None:
+        """Rank 0: every unreadable file met in this run dir, by split, to unreadable_files.txt,
+        and one line naming the first few."""
+        splits = (self.cfg.data.train_split, self.cfg.data.val_split)
+        found = {s: self.task.unreadable(s) for s in splits}
+        total = sum(len(v) for v in found.values())
+        if not self.is_main or total == 0:
+            return
+        out = self.run_dir / "unreadable_files.txt"
+        atomic_write_text(out, "".join(f"{s}\t{path}\t{reason}\n" for s in splits for path, reason in found[s]))
+        first = [path for s in splits for path, _ in found[s]][:5]
+        counts = ", ".join(f"{s} {len(v)}" for s, v in found.items())
+        log.warning(f"skipped {total} unreadable file(s) ({counts}): {', '.join(first)}"
+                    f"{' ...' if total > len(first) else ''}; full list in {out}")
+
     def _close(self) -> None:
+        self._report_unreadable()
         self.ckpt.finish()  # a checkpoint still being finalized in the background is complete after this
         if self.metrics is not None:
             self.metrics.close()

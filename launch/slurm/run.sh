@@ -19,6 +19,8 @@
 #      from the run dir's latest checkpoint.
 #   SIGTERM (scancel, time limit, site preemption) is forwarded too, so the ranks save what
 #   they can before Slurm's KillWait runs out, but never leads to a requeue from here.
+#   Status 4 (fp16 diverged at the minimum loss scale) and 5 (the divergence guard gave up:
+#   RUN_DIR/guard/report.json) are never requeued, even after a USR1: a rerun would diverge again.
 #
 # Environment knobs:
 #   PYTHON        interpreter (default: ./.venv/bin/python if present, else python3)
@@ -30,6 +32,8 @@
 set -uo pipefail
 
 REQUEUE_EXIT_CODE=3
+DIVERGED_EXIT_CODE=4   # beit_scale/train/signals.py
+GUARD_EXIT_CODE=5      # beit_scale/train/guard.py
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 if [ -z "${PYTHON:-}" ]; then
@@ -103,6 +107,9 @@ if [ "$SIGNALLED" = TERM ]; then
     # job it preempted with PreemptMode=REQUEUE on its own).
     log "not requeueing after SIGTERM (scancel, time limit or site preemption);" \
         "resubmit with the same RUN_DIR to resume"
+elif [ "$rc" -eq "$DIVERGED_EXIT_CODE" ] || [ "$rc" -eq "$GUARD_EXIT_CODE" ]; then
+    log "not requeueing: training diverged (status $rc; 5: the divergence guard gave up, see" \
+        "RUN_DIR/guard/report.json); resume from the last good checkpoint with a changed setup"
 elif [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || [ "$SIGNALLED" = USR1 ]; then
     if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
         log "requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS);" \

@@ -40,11 +40,11 @@ def main():
                 return (loss * float("inf") if step in bad else loss), m
             task.step = step
         result = run.train_stage(cfg, ds, run_dir, env, task)
-        if result.get("diverged"):  # the launcher's exit status for it; the peers agree (same overflow)
-            from beit_scale.train.signals import DIVERGED_EXIT_CODE
+        status = run._early_exit(result)
+        if status:  # the launcher's exit status (diverged 4, guard gave up 5); the peers agree
             from beit_scale.train.engine import shutdown_distributed
             shutdown_distributed()
-            sys.exit(DIVERGED_EXIT_CODE)
+            sys.exit(status)
     from beit_scale.train.engine import shutdown_distributed
     shutdown_distributed()
 

@@ -91,6 +91,14 @@ def set_rng_state(s: dict) -> None:
 
 # ----------------------------------------------------------------------------- manager
 
+def _delete(folder: Path) -> None:
+    # The marker first: a crash mid-delete leaves an ignorable folder, not a "complete" one.
+    marker = folder / COMPLETE
+    if marker.exists():
+        marker.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _unshare_optimizer_steps(zero_optimizer) -> int:
     """Give every parameter's optimizer state its own ``step`` tensor; returns how many were shared.
 
@@ -124,6 +132,9 @@ class CheckpointManager:
         self._last_save_time = time.time()
         self._saved_step: int | None = None    # newest step saved by this process
         self._resumed_step: int | None = None  # step this process resumed from out of this run's checkpoints
+        # The divergence guard's window (guard.suspect_steps): retention keeps a complete checkpoint
+        # at least this many steps older than the newest, so a rollback target always exists.
+        self.protect_steps = 0
 
     # ---------------------------------------------------------------- discovery (no process group needed)
     def complete_checkpoints(self) -> list[Path]:
@@ -315,8 +326,11 @@ class CheckpointManager:
         agree_stop_and_clock, so all ranks save together)."""
         return bool(self.cfg.every_minutes) and time.time() - self._last_save_time >= 60 * self.cfg.every_minutes
 
-    def save(self, engine, states: Mapping[str, Stateful], *, wait: bool = True) -> Path:
+    def save(self, engine, states: Mapping[str, Stateful], *, wait: bool = True, into: Path | None = None) -> Path:
         """Write a checkpoint of the current step: the engine, and each named object's state_dict().
+
+        `into`: a diagnostic copy (the divergence guard's, when it gives up) in that folder instead
+        of checkpoints/: complete, with its manifest, but never pointed at, retained or resumed.
 
         `states[TRAINER]` (step, epoch, offset, samples_seen: all the manager reads of the loop)
         goes with the RNG streams into every rank's JSON file; the other objects' JSON entries go
@@ -336,12 +350,13 @@ class CheckpointManager:
         extra, tensors = split_states(states)
         step = progress["step"]
         tag = tag_for(step)
-        path = self.dir / tag
+        path = Path(into or self.dir) / tag
+        wait = wait or into is not None
         if self.rank == 0:
             self._join_finalize()  # the previous save's retention must not race this one
-            self.dir.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists():  # leftover of a save that crashed (no COMPLETE) or a re-save: start clean
-                if tag in self.pointed_tags():  # never leave the pointers on a folder being replaced
+                if into is None and tag in self.pointed_tags():  # never leave the pointers on a folder being replaced
                     older = [p for p in self.complete_checkpoints()
                              if p != path and self.verify(p, checksums=False) is None]
                     self._point_latest(older[-1].name if older else None)
@@ -353,7 +368,7 @@ class CheckpointManager:
         # client_state carries the key the universal converter requires for ZeRO 1/2.
         # save_latest=False: DeepSpeed would write `latest` at the end of this call, before our
         # COMPLETE exists; _finalize writes it after COMPLETE instead.
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=universal_checkpoint_client_state(),
+        engine.save_checkpoint(str(path.parent), tag=tag, client_state=universal_checkpoint_client_state(),
                                save_latest=False)
         state = {"trainer": progress, "rng": rng_state(),
                  "data_order": {"seed": self.config_dict.get("train", {}).get("seed"),
@@ -363,7 +378,8 @@ class CheckpointManager:
             from beit_scale.io import save_safetensors
             save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path / TASK_STATE)
         _barrier()  # every rank's files are on disk (or in the page cache) from here on
-        self._saved_step = step
+        if into is None:
+            self._saved_step = step
         if self.rank == 0:
             manifest = {
                 "format": "beit_scale-checkpoint-v1", "tag": tag, "step": step,
@@ -394,8 +410,9 @@ class CheckpointManager:
         manifest = dict(manifest, files=files)
         _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
         _write_atomic(path / COMPLETE, f"{manifest['step']}\n")
-        self._point_latest(path.name)
-        self._retain(pinned=path)
+        if path.parent == self.dir:
+            self._point_latest(path.name)
+            self._retain(pinned=path)
         self.log(f"checkpoint saved: {path} ({sum(v['size'] for v in files.values()) / 2**20:.1f} MiB, "
                  f"{time.time() - t0:.1f}s)")
 
@@ -432,7 +449,8 @@ class CheckpointManager:
     def _retain(self, pinned: Path | None = None) -> None:
         """Keep the last keep_last complete checkpoints plus every keep_every-th step, and `pinned`
         (the one LATEST / latest name: it is not the highest step when newer folders of an
-        abandoned branch are on disk, e.g. after resuming from an explicitly chosen older one)."""
+        abandoned branch are on disk, e.g. after resuming from an explicitly chosen older one), and
+        with the divergence guard on, the newest one at least protect_steps older than the newest."""
         complete = self.complete_checkpoints()
         if not complete:
             return
@@ -441,6 +459,8 @@ class CheckpointManager:
         if self.cfg.keep_every:
             keep |= {p for p in complete if step_of(p.name) % self.cfg.keep_every == 0}
         newest_step = step_of(newest.name)
+        if self.protect_steps:
+            keep |= set([p for p in complete if step_of(p.name) <= newest_step - self.protect_steps][-1:])
         for p in self.dir.iterdir():
             if not p.is_dir() or not p.name.startswith("step_"):
                 continue
@@ -452,8 +472,35 @@ class CheckpointManager:
                 continue
             if "_universal" in p.name and (self.dir / base) in keep:
                 continue
-            # Remove the marker first: a crash mid-delete leaves an ignorable folder, not a "complete" one.
-            marker = p / COMPLETE
-            if marker.exists():
-                marker.unlink()
-            shutil.rmtree(p, ignore_errors=True)
+            _delete(p)
+
+    # ---------------------------------------------------------------- the divergence guard (train/guard.py)
+    def rollback_target(self, at_most_step: int) -> tuple[Path, dict] | None:
+        """The newest complete checkpoint of this run at or before `at_most_step` (size-checked
+        against its manifest: it was written by this run), or None.  Every rank calls it; rank 0
+        first completes a save still being finalized, so all ranks see the same folders."""
+        if self.rank == 0:
+            self._join_finalize()
+        _barrier()
+        for path in reversed(self.complete_checkpoints()):
+            if step_of(path.name) <= at_most_step and self.verify(path, checksums=False) is None:
+                return path, self.read_manifest(path)
+        return None
+
+    def discard_after(self, step: int) -> None:
+        """After a rollback to `step`: the newer checkpoints were saved on the abandoned path (maybe
+        during the trouble), so LATEST / latest go back to `step` and the newer folders are deleted;
+        the steps are trained again and saved anew.  Every rank calls it."""
+        if self.rank == 0:
+            gone = []
+            self._point_latest(tag_for(step))
+            for p in self.dir.iterdir():
+                if p.is_dir() and p.name.startswith("step_") and \
+                        step_of(p.name.split("_universal")[0].removesuffix(".partial")) > step:
+                    _delete(p)
+                    gone.append(p.name)
+            if gone:
+                self.log(f"deleted the checkpoints saved after step {step} on the abandoned path: "
+                         f"{', '.join(sorted(gone))}")
+        self._saved_step = step
+        _barrier()

@@ -11,7 +11,8 @@ with weights_only=False, which is why we only ever hand out safetensors to other
 
 `load_init_weights(model, source) -> InitReport`: put the weights behind `init.from` into a
 freshly built model.  `source` is a run dir (its newest valid checkpoint), a checkpoint folder,
-a safetensors file we exported, or a timm BEiT state dict (.safetensors / .pth / .bin).  The MIM
+a safetensors file we exported, a timm BEiT state dict (.safetensors / .pth / .bin), or a
+transformers BEiT directory (`config.json` + weights; models/hf.py maps the names).  The MIM
 head and [MASK] token are dropped, a shared relative-position table is copied into every block,
 tables and absolute position embeddings are resized when the resolution differs, and the
 classifier head is re-initialised when the class count differs.  Anything else that does not
@@ -69,8 +70,9 @@ def consolidated_state_dict(path: str | Path, checksums: bool = False) -> tuple[
 REPO = Path(__file__).resolve().parents[3]
 SCRATCH = ("scratch", "none", "")
 
-# Keys a source may carry that a classifier legitimately has no place for.
-_DROPPABLE_PREFIXES = ("lm_head.", "norm.")
+# Keys a source may carry that a classifier legitimately has no place for (beit.layernorm: the
+# final norm of a transformers BEiT that pools the cls token, kept under its HF name).
+_DROPPABLE_PREFIXES = ("lm_head.", "norm.", "beit.layernorm.")
 _DROPPABLE_KEYS = ("mask_token",)
 # Keys a fresh classifier may lack in the source: the new head, and fc_norm (a MIM model ends in
 # `norm`, which mean-pooling fine-tuning replaces by a freshly initialised fc_norm).
@@ -105,9 +107,13 @@ def read_state_dict(source: str | Path) -> tuple[dict, str]:
     p = Path(source).expanduser()
     if not p.exists():
         raise ConfigError(f"init.from={source}: no such file or directory. Give a pretraining run dir, a "
-                          f"checkpoint folder, an exported .safetensors file or a timm BEiT weights file, "
+                          f"checkpoint folder, an exported .safetensors file, a timm BEiT weights file or "
+                          f"a transformers BEiT directory (config.json + model.safetensors), "
                           f"or init.from=scratch")
     if p.is_dir():
+        from beit_scale.models.hf import is_hf_dir
+        if is_hf_dir(p):
+            return _read_hf_dir(p, source)
         try:
             sd, manifest = consolidated_state_dict(p)
         except (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError) as e:
@@ -135,6 +141,21 @@ def read_state_dict(source: str | Path) -> tuple[dict, str]:
     timm = any("relative_position_bias_table" in k or k.startswith("rel_pos_bias.") for k in sd)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, \
         ("timm state dict" if timm else "beit_scale state dict") + f" ({suffix[1:]})"
+
+
+def _read_hf_dir(p: Path, source) -> tuple[dict, str]:
+    """A transformers BEiT directory (exported by us or saved by transformers) in our names; its
+    entries that have no place in our models keep their HF names, so the key report lists them."""
+    from beit_scale.models.hf import from_hf, read_hf_dir
+    try:
+        hf, hf_sd = read_hf_dir(p)
+        sd, unused = from_hf(hf_sd)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ConfigError(f"init.from={source}: cannot read this transformers directory: {e}") from None
+    sd.update(unused)
+    arch = ", ".join(hf.get("architectures") or ["BEiT"])
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, \
+        f"transformers {arch} directory"
 
 
 def check_is_beit(sd: dict, source) -> None:

@@ -140,17 +140,41 @@ class Task(abc.ABC):
 
     # -- data
     def folder(self, split: str):
+        """The split's images (an ImageFolder, or shards with data.format=shards). In a run, the
+        file list is cached (data.index_cache, default ~/.cache/beit_scale/file_index; rank 0 lists,
+        the other ranks wait for its index) and unreadable files are recorded in
+        <run_dir>/unreadable/<split>."""
         if split not in self._folders:
-            from beit_scale.data.datasets import SafeImageFolder
+            from beit_scale.data.shards import open_folder
             root = data_root_for(self.cfg)
             path = root / split
             if not path.is_dir():
                 raise ConfigError(f"{path}: missing '{split}' split under data.path={root}")
             try:
-                self._folders[split] = SafeImageFolder(path)
+                self._folders[split] = open_folder(path, self.cfg.data.format, **self._folder_options(split))
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(str(e)) from None
         return self._folders[split]
+
+    def _folder_options(self, split: str) -> dict:
+        from beit_scale.dist.env import detect_dist_env
+        from beit_scale.data.file_index import default_cache_dir
+        cache = self.cfg.data.index_cache
+        if cache == "off" or (cache is None and self.run_dir is None):
+            cache = False
+        elif cache is None:
+            # Beside the other data caches, not in the run dir: the first listing happens in
+            # preflight, and a run that then fails on its config must leave no run dir behind.
+            cache = default_cache_dir()
+        return {"index_cache": cache, "wait_for_index": cache is not False and detect_dist_env().rank != 0,
+                "journal": None if self.run_dir is None else self.run_dir / "unreadable" / split}
+
+    def unreadable(self, split: str) -> list[tuple[str, str]]:
+        """``[(file, reason)]``: every unreadable file of the split that any worker of any rank
+        has met so far in this run dir (each once); empty when the split was never opened."""
+        from beit_scale.data.datasets import read_journal
+        folder = self._folders.get(split)
+        return read_journal(folder.journal) if folder is not None and folder.journal else []
 
     def preflight(self) -> None:
         if self.cfg.data.path:

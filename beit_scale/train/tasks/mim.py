@@ -1,4 +1,5 @@
-"""Stage "mim": masked image modeling; predict the frozen tokenizer's ids at masked patches."""
+"""Stage "mim": masked image modeling; predict the frozen tokenizer's ids at masked patches
+(mim.target=tokens) or the masked patches' normalized pixels (mim.target=pixels, no tokenizer)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_scale.config import ConfigError, ExperimentCfg
+from beit_scale.models.mim_pixels import pixel_regression_loss, pixel_targets
 from beit_scale.train.tasks.base import (Task, count_flops, device_images, masked_positions, param_dtype,
                                          uniform_mask_count)
 from beit_scale.train.tasks.tokenizer import read_tokenizer_meta
@@ -16,14 +18,18 @@ log = logging.getLogger(__name__)
 
 
 class MIMTask(Task):
-    """Masked image modeling: predict the frozen tokenizer's ids at masked patches."""
+    """Masked image modeling: predict the frozen tokenizer's ids at masked patches, or (the
+    paper's ablation, mim.target=pixels) regress their per-patch normalized pixels."""
     name = "mim"
 
     def __init__(self, cfg: ExperimentCfg, tokenizer_path: str | Path | None = None):
         super().__init__(cfg)
-        self.tokenizer_path = Path(tokenizer_path or cfg.tokenizer.checkpoint) if \
-            (tokenizer_path or cfg.tokenizer.checkpoint) else None
+        self.pixels = cfg.mim.target == "pixels"
+        # Pixel targets need no tokenizer: none is trained, loaded or recorded.
+        tok = None if self.pixels else (tokenizer_path or cfg.tokenizer.checkpoint)
+        self.tokenizer_path = Path(tok) if tok else None
         self.tokenizer = None
+        self.tokenizer_kind = None  # "ours" / "dalle", from the file's header in prepare()
 
     def model_kwargs(self) -> dict:
         m = self.cfg.model
@@ -37,8 +43,8 @@ class MIMTask(Task):
         return kw
 
     def build_model(self):
-        from beit_scale.models.zoo import build_model
-        return build_model(self.cfg.model.name, task="mim", **self.model_kwargs())
+        from beit_scale.models.beit import BeitForMIM
+        return BeitForMIM(self.model_config(), target=self.cfg.mim.target)
 
     def model_config(self):
         """The zoo config this run builds (patch size, grid): needs no weights and no files."""
@@ -66,6 +72,8 @@ class MIMTask(Task):
         if d.num_mask_patches > n:
             raise ConfigError(f"data.num_mask_patches={d.num_mask_patches} is larger than the {g}x{g} = {n} "
                               f"patch grid of {name} ({d.input_size}px / patch {p}); use at most {n}")
+        if self.pixels:
+            return  # no tokenizer grid to match
         down = int(tokenizer_downsample or DVAEConfig().downsample)
         s = d.second_input_size
         if s % down or s // down != g:
@@ -92,26 +100,31 @@ class MIMTask(Task):
 
     def prepare(self, device):
         super().prepare(device)
-        from beit_scale.models.dvae import load_tokenizer
+        if self.pixels:
+            return
+        from beit_scale.models.tokenizers import load_tokenizer  # ours or a converted DALL-E file
         if self.tokenizer_path is None:
             raise ConfigError("MIM needs a tokenizer: set tokenizer.checkpoint or let launch/pretrain.py train one")
         tok = load_tokenizer(self.tokenizer_path, device=device)
+        self.tokenizer_kind = read_tokenizer_meta(self.tokenizer_path)["kind"]
         # Targets are argmaxes, so half precision costs nothing in accuracy on GPU and halves the time.
         if device.type == "cuda":
             tok = tok.half()
         self.tokenizer = tok.eval().requires_grad_(False)
 
     def state_dict(self):
-        return {"tokenizer_checkpoint": str(self.tokenizer_path) if self.tokenizer_path else None}
+        # The kind (ours / dalle) too: the manifest says where the targets came from even after
+        # the tokenizer file is gone.
+        return {"tokenizer_checkpoint": str(self.tokenizer_path) if self.tokenizer_path else None,
+                "tokenizer_kind": self.tokenizer_kind}
 
     def _datasets(self, split):
         from beit_scale.data.datasets import MIMDataset
-        from beit_scale.data.masking import MaskingGenerator
+        from beit_scale.data.masking import build_masker
         from beit_scale.data.transforms import MIMTransform
         d = self.cfg.data
         grid = self.model_config().grid_size  # the model's patch grid (patch 16, 14, ...)
-        masker = MaskingGenerator(input_size=grid, num_masking_patches=d.num_mask_patches,
-                                  min_num_patches=d.min_mask_patches)
+        masker = build_masker(d.mask_mode, grid, d.num_mask_patches, min_num_patches=d.min_mask_patches)
         tf = MIMTransform(input_size=d.input_size, second_input_size=d.second_input_size,
                           scale=(d.crop_min_scale, 1.0), color_jitter=d.color_jitter)
         return MIMDataset(self.folder(split), tf, masker)
@@ -122,28 +135,38 @@ class MIMTask(Task):
     def eval_dataset(self):
         return self._datasets(self.cfg.data.val_split)
 
-    def _targets_and_logits(self, engine, batch):
+    def _forward(self, engine, batch):
+        """The model on a batch -> (its rows for the masked patches, row-major over (image, patch):
+        logits or pixels; the normalized input x, float32 for pixels; mask [B, N]; token ids
+        [B, N] or None for pixels; the masked positions [B, K] or None)."""
         img, img_tok, mask = batch
-        # The blockwise masker returns exactly num_mask_patches per image: with a count known on
-        # the CPU, the targets are a fixed-size gather instead of `ids[mask]`, whose output size
-        # the host must read back from the device (a sync every step).
+        # Both maskers return exactly num_mask_patches per image: with a count known on the CPU,
+        # the targets are a fixed-size gather instead of `ids[mask]`, whose output size the host
+        # must read back from the device (a sync every step).
         k = uniform_mask_count(mask)
         mask = mask.to(self.device, non_blocking=True).flatten(1).bool()
-        with torch.no_grad():
-            tok_in = device_images(img_tok, self.device, next(self.tokenizer.parameters()).dtype, normalize=False)
-            ids = self.tokenizer.get_codebook_indices(tok_in).flatten(1)
-        extra = {}
-        if k is not None:
-            pos = masked_positions(mask, k)
-            labels = ids.gather(1, pos).reshape(-1)  # == ids[mask]: same positions, same order
-            extra["masked_index"] = pos  # the model gathers its masked rows without a sync too
-        else:
-            labels = ids[mask]
-        x = device_images(img, self.device, param_dtype(engine.module), normalize=True)
-        logits = engine(x, mask, **extra)
+        ids = None
+        if not self.pixels:
+            with torch.no_grad():
+                tok_in = device_images(img_tok, self.device, next(self.tokenizer.parameters()).dtype,
+                                       normalize=False)
+                ids = self.tokenizer.get_codebook_indices(tok_in).flatten(1)
+        pos = masked_positions(mask, k) if k is not None else None
+        extra = {"masked_index": pos} if pos is not None else {}  # the model gathers without a sync too
+        dtype = param_dtype(engine.module)
+        x = device_images(img, self.device, torch.float32 if self.pixels else dtype, normalize=True)
+        out = engine(x.to(dtype), mask, **extra)  # pixel targets come from the float32 x
+        return out, x, mask, ids, pos
+
+    def _targets_and_logits(self, engine, batch):
+        logits, _, mask, ids, pos = self._forward(engine, batch)
+        labels = ids.gather(1, pos).reshape(-1) if pos is not None else ids[mask]  # == ids[mask], same order
         return logits.float(), labels
 
     def step(self, engine, batch, step):
+        if self.pixels:
+            pred, x, mask, _, _ = self._forward(engine, batch)
+            return pixel_regression_loss(pred, x, mask, self.model_config().patch_size), {}
         logits, labels = self._targets_and_logits(engine, batch)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.detach().argmax(-1) == labels).float().mean()
@@ -151,6 +174,13 @@ class MIMTask(Task):
 
     def eval_batch(self, engine, batch, n_valid):
         batch = [b[:n_valid] for b in batch]
+        if self.pixels:
+            pred, x, mask, _, _ = self._forward(engine, batch)
+            target = pixel_targets(x, self.model_config().patch_size)[mask]
+            # Per-patch mean squared error, and that of predicting 0 (each patch's mean) as the baseline.
+            return {"sq_err": (pred.float() - target).pow(2).mean(-1).sum(),
+                    "sq_zero": target.pow(2).mean(-1).sum(),
+                    "count": torch.tensor(float(len(target)), device=target.device)}
         logits, labels = self._targets_and_logits(engine, batch)
         return {"correct": (logits.argmax(-1) == labels).float().sum(),
                 "loss_sum": F.cross_entropy(logits, labels, reduction="sum"),
@@ -159,10 +189,31 @@ class MIMTask(Task):
 
     def finish_eval(self, sums):
         count = float(sums["count"])
+        if self.pixels:
+            mse = float(sums["sq_err"]) / max(count, 1)
+            return {"val_mim_loss": mse, "val_pixel_mse": mse,
+                    "val_pixel_mse_zero": float(sums["sq_zero"]) / max(count, 1)}
         acc = float(sums["correct"]) / max(count, 1)
         baseline = float(sums["hist"].max()) / max(count, 1)
         return {"val_mim_acc": acc, "val_mim_loss": float(sums["loss_sum"]) / max(count, 1),
                 "val_majority_acc": baseline, "val_acc_over_majority": acc / max(baseline, 1e-12)}
+
+    def log_images(self, writer, engine, batch, step):
+        """The decoded-prediction grid (train/viz_callbacks.py): the forward on every rank (a ZeRO-3
+        collective), the drawing on rank 0, to tensorboard and the run dir's PNG."""
+        from beit_scale.train import viz_callbacks as vc
+        batch = [b[:vc.GRID_IMAGES] for b in batch]
+        with torch.no_grad():
+            out, x, mask, ids, _ = self._forward(engine, batch)
+        if writer is None:
+            return
+        p = self.model_config().patch_size
+        if self.pixels:
+            rows = vc.pixel_rows(x, mask, out, p)
+        else:
+            from beit_scale.data.transforms import denormalize
+            rows = vc.token_rows(self.tokenizer, denormalize(x).clamp(0, 1), mask, ids, out.argmax(-1), p)
+        vc.write_grid(writer, vc.make_grid(rows), step, self.run_dir)
 
     def flops_per_sample(self):
         # Counted on the meta device: the backbone without a mask (the [MASK] swap costs nothing)
@@ -174,10 +225,12 @@ class MIMTask(Task):
         fwd = count_flops(lambda: model.forward_features(x))
         if fwd is None:
             return None
-        mcfg = model.cfg
-        fwd += 2.0 * d.num_mask_patches * mcfg.embed_dim * mcfg.vocab_size
+        fwd += 2.0 * d.num_mask_patches * model.cfg.embed_dim * model.lm_head.out_features
         return 3 * fwd
 
     def summary(self, m):
+        if self.pixels:
+            return [f"MIM pixel regression on held-out images: MSE {m['val_pixel_mse']:.4f} on normalized masked "
+                    f"patches vs {m['val_pixel_mse_zero']:.4f} for predicting each patch's mean"]
         return [f"MIM accuracy on held-out images: {m['val_mim_acc']:.4f} vs {m['val_majority_acc']:.4f} for "
                 f"always guessing the most frequent token ({m['val_acc_over_majority']:.2f}x)"]

@@ -119,13 +119,15 @@ class TokenizerTask(Task):
 # ----------------------------------------------------------------------------- MIM
 
 def read_tokenizer_meta(path: str | Path) -> dict:
-    """Vocabulary and input size of a tokenizer file, read from its header without loading weights."""
-    from beit_scale.models.dvae import read_tokenizer_config
+    """Kind (ours / dalle), vocabulary and input size of a tokenizer file, read from its header
+    without loading weights (models/tokenizers.py)."""
+    from beit_scale.models.tokenizers import read_tokenizer_header
     try:
-        c = read_tokenizer_config(path)
+        h = read_tokenizer_header(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    return {"vocab_size": c.vocab_size, "image_size": c.image_size, "downsample": c.downsample}
+    return {"kind": h.kind, "vocab_size": h.vocab_size, "image_size": h.image_size,
+            "downsample": h.downsample}
 
 
 
