@@ -46,7 +46,7 @@ demo: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json
 
 test: $(TEST_STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q --durations=25 tests
 
 zoo: venv
 	$(PY) -m beit_scale.models
