@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretraining_helps import REPO, launch, reusable, rows  # noqa: E402  (same folder)
+from pretraining_helps import REPO, add_budget_args, common_sets, launch, reusable, rows  # noqa: E402  (same folder)
 
 # arm -> (label, pretraining sets beyond the BEiT arm's, pretraining steps as a fraction)
 ARMS = {
@@ -169,30 +169,15 @@ def curves(a, res: dict, png: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning / probe seeds per arm")
-    p.add_argument("--model", default="beit_mini")
-    p.add_argument("--size", type=int, default=112, help="input resolution (tokenizer sees size/2)")
-    p.add_argument("--tok_steps", type=int, default=400)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--pt_steps", type=int, default=1000)
-    p.add_argument("--pt_lr", type=float, default=1.5e-3)
-    p.add_argument("--mask_ratio", type=float, default=0.4, help="fraction of patches masked in MIM")
-    p.add_argument("--ft_steps", type=int, default=200)
-    p.add_argument("--ft_lr", type=float, default=2e-3)
-    p.add_argument("--layer_decay", type=float, default=0.85, help="pretrained arms (scratch: 1.0)")
-    p.add_argument("--probe_lr", type=float, default=1e-2)
+    add_budget_args(p)
     p.add_argument("--no_probe", action="store_true", help="fine-tuning only (halves the fine-tuning launches)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval_batches", type=int, default=0, help="x 16 images per evaluation (0: all 500)")
     p.add_argument("--out", default=str(REPO / "runs" / "ablations"))
     p.add_argument("--report_only", action="store_true", help="launch nothing: rebuild from the runs in OUT")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log, timings, t0 = out / "launch.log", {}, time.time()
-    # The same common settings as pretraining_helps.py, so that its runs are reusable here.
-    common = [f"model.name={a.model}", f"model.img_size={a.size}", f"data.input_size={a.size}",
-              "data.num_workers=1", "train.log_every=10", f"train.global_batch={a.batch}", "train.micro_batch=16",
-              "checkpoint.resume=none", "checkpoint.overwrite=true", "model.drop_path=0.0"]
+    common = common_sets(a)   # the same as pretraining_helps.py's, so that its runs are reusable here
     tok = out / "tokenizer"
     tok_sets = ["data.num_workers=1", f"tokenizer.vocab_size={a.vocab}", f"data.second_input_size={a.size // 2}",
                 f"train.max_steps={a.tok_steps}", "train.log_every=10", "checkpoint.resume=none",

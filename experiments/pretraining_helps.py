@@ -63,10 +63,9 @@ ARM_LABELS = {"scratch": "(a) scratch", "pretrained": "(b) MIM-pretrained, fine-
               "probe_random": "(d) linear probe, frozen random backbone (control)"}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm")
-    p.add_argument("--pt_runs", type=int, default=1, help="MIM pretraining runs (seed s uses run s %% pt_runs)")
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """The model, tokenizer, pretraining and fine-tuning budget (shared with ablations.py, whose
+    runs are reusable here and the other way round because the settings are the same)."""
     p.add_argument("--model", default="beit_mini")
     p.add_argument("--size", type=int, default=112, help="input resolution (tokenizer sees size/2)")
     p.add_argument("--tok_steps", type=int, default=400)
@@ -77,11 +76,25 @@ def main(argv=None) -> int:
     p.add_argument("--ft_steps", type=int, default=200)
     p.add_argument("--ft_lr", type=float, default=2e-3)
     p.add_argument("--layer_decay", type=float, default=0.85,
-                   help="layer-wise lr decay of the pretrained arm (scratch always uses 1.0)")
+                   help="layer-wise lr decay of the pretrained arm(s) (scratch always uses 1.0)")
     p.add_argument("--probe_lr", type=float, default=1e-2)
-    p.add_argument("--no_probe_random", action="store_true", help="skip the random-backbone control arm")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval_batches", type=int, default=0, help="x 16 images per evaluation (0: all 500)")
+
+
+def common_sets(a) -> list[str]:
+    """--set values every launch of these experiments shares."""
+    return [f"model.name={a.model}", f"model.img_size={a.size}", f"data.input_size={a.size}",
+            "data.num_workers=1", "train.log_every=10", f"train.global_batch={a.batch}", "train.micro_batch=16",
+            "checkpoint.resume=none", "checkpoint.overwrite=true", "model.drop_path=0.0"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm")
+    p.add_argument("--pt_runs", type=int, default=1, help="MIM pretraining runs (seed s uses run s %% pt_runs)")
+    add_budget_args(p)
+    p.add_argument("--no_probe_random", action="store_true", help="skip the random-backbone control arm")
     p.add_argument("--out", default=str(REPO / "runs" / "pretraining_helps"))
     p.add_argument("--report_only", action="store_true",
                    help="launch nothing: rebuild the table and curves from the runs already in OUT")
@@ -90,9 +103,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "launch.log"
     grid = a.size // 16
-    common = [f"model.name={a.model}", f"model.img_size={a.size}", f"data.input_size={a.size}",
-              "data.num_workers=1", "train.log_every=10", f"train.global_batch={a.batch}", "train.micro_batch=16",
-              "checkpoint.resume=none", "checkpoint.overwrite=true", "model.drop_path=0.0"]
+    common = common_sets(a)
     t_start = time.time()
     timings: dict[str, float] = {}
 

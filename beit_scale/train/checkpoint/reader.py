@@ -158,6 +158,14 @@ def _read_hf_dir(p: Path, source) -> tuple[dict, str]:
         f"transformers {arch} directory"
 
 
+def pending_init(init_from, read: tuple | None) -> tuple | None:
+    """(source, state dict, kind) for a task's build_model: what its preflight already read, else
+    `init.from` read now (a task built without preflight, e.g. for an export), None for scratch."""
+    if read is None and init_from is not None and str(init_from).strip().lower() not in SCRATCH:
+        return (init_from, *read_state_dict(init_from))
+    return read
+
+
 def check_is_beit(sd: dict, source) -> None:
     need = ("patch_embed.proj.weight", "cls_token")
     if not all(k in sd for k in need) or not any(k.startswith("blocks.0.") for k in sd):

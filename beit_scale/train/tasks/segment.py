@@ -27,7 +27,7 @@ import torch.distributed as dist
 from beit_scale.config import ConfigError, ExperimentCfg
 from beit_scale.dist.env import say_rank0 as _say
 from beit_scale.train.callbacks import BestWeights, Callback
-from beit_scale.train.checkpoint.reader import (SCRATCH, InitReport, check_is_beit, load_init_weights,
+from beit_scale.train.checkpoint.reader import (InitReport, check_is_beit, load_init_weights, pending_init,
                                                read_state_dict)
 from beit_scale.train.tasks.base import Task, count_flops, device_images, param_dtype
 from beit_scale.train.tasks.classify import ClassifyTask
@@ -129,13 +129,9 @@ class SegmentTask(Task):
 
     def build_model(self):
         model = self._plain_model()
-        if self._init is None and self.cfg.init.from_ is not None and \
-                str(self.cfg.init.from_).lower() not in SCRATCH:
-            src = self.cfg.init.from_
-            self._init = (src, *read_state_dict(src))
-        if self._init is not None:
-            self._load_backbone(model, *self._init)
-            self._init = None  # free the source tensors
+        init, self._init = pending_init(self.cfg.init.from_, self._init), None  # None: free the source tensors
+        if init is not None:
+            self._load_backbone(model, *init)
         return model
 
     def _load_backbone(self, model, src, sd, kind) -> None:
