@@ -97,6 +97,9 @@ class DataCfg(_Section):
                                                          "fingerprint; None: the run dir; 'off': list every start")
     max_unreadable_frac: Float = Field(0.01, ge=0, le=1, description="fail the run when more than this fraction "
                                                                      "of a split's files is unreadable")
+    decode: Literal["cpu", "cuda"] = Field("cpu", description="cpu: workers decode and augment; cuda: workers "
+                                           "ship JPEG bytes + drawn crop/flip/jitter, the GPU decodes (mim, "
+                                           "classify; docs/data.md)")
 
 
 class TokenizerCfg(_Section):

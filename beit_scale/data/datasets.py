@@ -275,6 +275,9 @@ class MIMDataset(_KeyedDataset):
     Images travel as uint8 (see transforms.py); ``to_float_image`` converts them on the device.
 
     ``masker(rng) -> np.ndarray[bool] (14, 14)`` (``beit_scale.data.masking.MaskingGenerator``).
+
+    With a ``gpu_decode.DeviceDecode`` transform (data.decode=cuda): ``(Encoded, mask)``; the
+    task decodes the two views on the device (gpu_decode.py).
     """
 
     def __init__(self, folder, transform, masker: Callable[[np.random.Generator], np.ndarray]):
@@ -283,9 +286,11 @@ class MIMDataset(_KeyedDataset):
 
     def __getitem__(self, key):
         def make(img, _j, rng):
-            big, small = self.transform(img)
-            mask = np.asarray(self.masker(rng), dtype=bool)
-            return big, small, torch.from_numpy(mask.reshape(-1).copy())
+            views = self.transform(img)
+            mask = torch.from_numpy(np.asarray(self.masker(rng), dtype=bool).reshape(-1).copy())
+            if not isinstance(views, tuple):  # data.decode=cuda: one Encoded, decoded on the device
+                return views, mask
+            return (*views, mask)
         return self._sample(key, make)
 
 

@@ -338,10 +338,12 @@ class ClassifyTransform:
                    T.CenterCrop(size)]
         self.t = T.Compose(ops + [T.PILToTensor()])
 
+    def _draw(self, width: int, height: int):
+        """The training draws of a sample, in the PIL path's order: ``(crop box, flip, None)``."""
+        return crop_params(width, height, self.scale), torch.rand(1).item() < self.hflip, None
+
     def decode(self, data: bytes) -> Planned:
-        def draws(width, height):
-            return 1, (crop_params(width, height, self.scale), torch.rand(1).item() < self.hflip)
-        pixels, _, (box, flip) = decode_reduced(data, draws)
+        pixels, _, (box, flip, _) = decode_reduced(data, lambda w, h: (1, self._draw(w, h)))
         return Planned(pixels, box, flip, None)
 
     def __call__(self, img) -> torch.Tensor:

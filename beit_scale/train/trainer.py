@@ -160,7 +160,8 @@ class Trainer:
                           persistent_workers=persistent and nw > 0, prefetch_factor=4 if nw > 0 else None,
                           # A private generator: creating an iterator must not consume the global
                           # torch RNG, or a resumed run would draw different drop-path masks.
-                          generator=torch.Generator())
+                          generator=torch.Generator(),
+                          collate_fn=self.task.collate_fn())  # data.decode=cuda: JPEG bytes (gpu_decode.py)
 
     def _peak_memory(self) -> tuple[int, int, str]:
         """(peak bytes, bytes held before the model was built, what was measured)."""

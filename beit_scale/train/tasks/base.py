@@ -9,6 +9,7 @@ nothing outside a task sets attributes on it (`configure` hands it what it may n
   build_model()              a plain nn.Module (meta-device safe for FLOP counting)          [abstract]
   prepare(device)            per-process extras (the frozen tokenizer for MIM)
   train_dataset() / eval_dataset()                                                          [abstract]
+  collate_fn()               the DataLoader's collate_fn (None: torch's; data.decode=cuda: gpu_decode.collate)
   step(engine, batch, step) -> (loss, {metric: detached scalar tensor})                    [abstract]
   log_images(writer, engine, batch, step)  called on EVERY rank at the same steps; writer is None
                              except on rank 0 (a forward under ZeRO-3 is a collective)
@@ -65,6 +66,33 @@ def device_images(x: torch.Tensor, device: torch.device, dtype: torch.dtype, nor
     with exactly the old CPU pipeline's numbers, then the cast to the model's dtype."""
     from beit_scale.data.transforms import to_float_image
     return to_float_image(x.to(device, non_blocking=True), normalize, dtype)
+
+
+def decoded(batch, device: torch.device):
+    """The loader's batch with a data.decode=cuda head (``gpu_decode.EncodedBatch``) decoded on
+    `device` into the uint8 views it stands for: ``(EncodedBatch, *rest) -> (*views, *rest)``
+    (MIM: img, img_tok, mask; classification: img, label). Any other batch is returned as is."""
+    from beit_scale.data.gpu_decode import EncodedBatch
+    if len(batch) and isinstance(batch[0], EncodedBatch):
+        return (*batch[0].decode(device), *batch[1:])
+    return batch
+
+
+def check_device_decode(cfg: ExperimentCfg, stage: str, supported: bool) -> None:
+    """data.decode=cuda needs a stage that decodes on the device and a usable CUDA GPU in this
+    process (ConfigError naming the fix otherwise); checked in preflight, before any process group."""
+    if cfg.data.decode != "cuda":
+        return
+    if not supported:
+        raise ConfigError(f"data.decode=cuda is not supported by the {stage} stage (only mim and classify "
+                          f"decode JPEGs on the GPU); set data.decode=cpu")
+    import os
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+        raise ConfigError("data.decode=cuda but DS_ACCELERATOR=cpu trains on the CPU; set data.decode=cpu")
+    if not torch.cuda.is_available():
+        from beit_scale.dist.device import cuda_unusable_reason
+        raise ConfigError(f"data.decode=cuda needs a CUDA GPU, but CUDA is not available here "
+                          f"({cuda_unusable_reason()}); set data.decode=cpu (the default) or run on a GPU node")
 
 
 def uniform_mask_count(mask: torch.Tensor) -> int | None:
@@ -176,7 +204,26 @@ class Task(abc.ABC):
         folder = self._folders.get(split)
         return read_journal(folder.journal) if folder is not None and folder.journal else []
 
+    # data.decode=cuda: the stage's loader ships JPEG bytes and it decodes them (gpu_decode.py).
+    device_decode = False
+
+    def collate_fn(self):
+        """The DataLoader's collate_fn for this stage (None: torch's default)."""
+        if self.cfg.data.decode == "cuda" and self.device_decode:
+            from beit_scale.data.gpu_decode import collate
+            return collate
+        return None
+
+    def loader_transform(self, transform):
+        """A training transform as the workers run it: wrapped for device decoding with
+        data.decode=cuda (gpu_decode.DeviceDecode), unchanged otherwise."""
+        if self.cfg.data.decode == "cuda" and self.device_decode:
+            from beit_scale.data.gpu_decode import DeviceDecode
+            return DeviceDecode(transform)
+        return transform
+
     def preflight(self) -> None:
+        check_device_decode(self.cfg, self.name, self.device_decode)
         if self.cfg.data.path:
             data_root_for(self.cfg)
             self.folder(self.cfg.data.train_split)  # raises on an empty dataset

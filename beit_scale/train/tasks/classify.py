@@ -17,13 +17,14 @@ from beit_scale.config import ConfigError, ExperimentCfg
 from beit_scale.dist.env import say_rank0 as _say
 from beit_scale.train.callbacks import BestWeights, EMACallback
 from beit_scale.train.checkpoint.reader import (REPO, SCRATCH, InitReport, check_is_beit, default_init_source,
-                                               load_init_weights, read_state_dict)
-from beit_scale.train.tasks.base import Task, count_flops, device_images, param_dtype
+                                               load_init_weights, pending_init, read_state_dict)
+from beit_scale.train.tasks.base import Task, count_flops, decoded, device_images, param_dtype
 
 
 class ClassifyTask(Task):
     """Image classification fine-tuning (and linear probing) of a BEiT backbone."""
     name = "classify"
+    device_decode = True  # data.decode=cuda: the training split (the eval split decodes on the CPU)
 
     def __init__(self, cfg: ExperimentCfg):
         super().__init__(cfg)
@@ -76,6 +77,9 @@ class ClassifyTask(Task):
         if len(classes) != cfg.model.num_classes:
             raise ConfigError(f"the training set has {len(classes)} classes but model.num_classes="
                               f"{cfg.model.num_classes}; set --set model.num_classes={len(classes)}")
+        if cfg.data.decode == "cuda" and f.rand_augment:
+            raise ConfigError(f"data.decode=cuda with finetune.rand_augment={f.rand_augment!r}: RandAugment works "
+                              f"on decoded PIL images in the workers; set data.decode=cpu or drop rand_augment")
         zero = int(((self.ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
         if f.ema and zero == 3:
             raise ConfigError("finetune.ema=true needs the full weights on every rank, which ZeRO 3 does "
@@ -98,16 +102,12 @@ class ClassifyTask(Task):
 
     def build_model(self):
         model = self._plain_model()
-        if self._init is None and self.cfg.init.from_ is not None and \
-                str(self.cfg.init.from_).lower() not in SCRATCH:
-            src = self.cfg.init.from_
-            self._init = (src, *read_state_dict(src))
-        if self._init is not None:
-            src, sd, kind = self._init
+        init, self._init = pending_init(self.cfg.init.from_, self._init), None  # None: free the source tensors
+        if init is not None:
+            src, sd, kind = init
             self.init_report = load_init_weights(model, src, sd=sd, kind=kind)
             for line in self.init_report.lines():
                 _say(line)
-            self._init = None  # free the source tensors
         if self.cfg.finetune.linear_probe:
             for n, p in model.named_parameters():
                 p.requires_grad_(n.startswith(("head.", "fc_norm.")))
@@ -142,9 +142,9 @@ class ClassifyTask(Task):
         from beit_scale.data.datasets import ClassifyDataset
         from beit_scale.data.transforms import ClassifyTransform
         d = self.cfg.data
-        return ClassifyDataset(self.folder(d.train_split),
-                               ClassifyTransform(train=True, size=d.input_size, scale=(d.crop_min_scale, 1.0),
-                                                 rand_augment=self.cfg.finetune.rand_augment))
+        tf = ClassifyTransform(train=True, size=d.input_size, scale=(d.crop_min_scale, 1.0),
+                               rand_augment=self.cfg.finetune.rand_augment)
+        return ClassifyDataset(self.folder(d.train_split), self.loader_transform(tf))
 
     def eval_dataset(self):
         from beit_scale.data.datasets import ClassifyDataset
@@ -154,7 +154,7 @@ class ClassifyTask(Task):
 
     # -- objective
     def step(self, engine, batch, step):
-        img, target = batch
+        img, target = decoded(batch, self.device)
         # uint8 from the loader -> normalised float32 on the device; mixup/cutmix mix those
         # float32 images (as before), the cast to the model's dtype comes after.
         img = device_images(img, self.device, torch.float32, normalize=True)
@@ -181,9 +181,9 @@ class ClassifyTask(Task):
     def score(self, model, batch, n_valid: int, dtype: torch.dtype, prefix: str = "") -> dict:
         """Top-1/top-5/loss sums of `model` on the valid rows.  The images are made in `dtype`
         (the trained model's) and cast to `model`'s, so the EMA (fp32) sees what the model saw."""
-        img, target = batch
-        img = device_images(img[:n_valid], self.device, dtype, normalize=True)
-        target = target[:n_valid].to(self.device)
+        img, target = decoded([b[:n_valid] for b in batch], self.device)
+        img = device_images(img, self.device, dtype, normalize=True)
+        target = target.to(self.device)
         return self._scores(model(img.to(param_dtype(model))).float(), target, prefix)
 
     def eval_batch(self, engine, batch, n_valid):

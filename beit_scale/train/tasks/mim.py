@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from beit_scale.config import ConfigError, ExperimentCfg
 from beit_scale.models.mim_pixels import pixel_regression_loss, pixel_targets
-from beit_scale.train.tasks.base import (Task, count_flops, device_images, masked_positions, param_dtype,
-                                         uniform_mask_count)
+from beit_scale.train.tasks.base import (Task, count_flops, decoded, device_images, masked_positions,
+                                         param_dtype, uniform_mask_count)
 from beit_scale.train.tasks.tokenizer import read_tokenizer_meta
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ class MIMTask(Task):
     """Masked image modeling: predict the frozen tokenizer's ids at masked patches, or (the
     paper's ablation, mim.target=pixels) regress their per-patch normalized pixels."""
     name = "mim"
+    device_decode = True  # data.decode=cuda: both views decoded on the device
 
     def __init__(self, cfg: ExperimentCfg, tokenizer_path: str | Path | None = None):
         super().__init__(cfg)
@@ -127,7 +128,7 @@ class MIMTask(Task):
         masker = build_masker(d.mask_mode, grid, d.num_mask_patches, min_num_patches=d.min_mask_patches)
         tf = MIMTransform(input_size=d.input_size, second_input_size=d.second_input_size,
                           scale=(d.crop_min_scale, 1.0), color_jitter=d.color_jitter)
-        return MIMDataset(self.folder(split), tf, masker)
+        return MIMDataset(self.folder(split), self.loader_transform(tf), masker)
 
     def train_dataset(self):
         return self._datasets(self.cfg.data.train_split)
@@ -139,7 +140,7 @@ class MIMTask(Task):
         """The model on a batch -> (its rows for the masked patches, row-major over (image, patch):
         logits or pixels; the normalized input x, float32 for pixels; mask [B, N]; token ids
         [B, N] or None for pixels; the masked positions [B, K] or None)."""
-        img, img_tok, mask = batch
+        img, img_tok, mask = decoded(batch, self.device)  # data.decode=cuda: JPEGs -> uint8 views here
         # Both maskers return exactly num_mask_patches per image: with a count known on the CPU,
         # the targets are a fixed-size gather instead of `ids[mask]`, whose output size the host
         # must read back from the device (a sync every step).
