@@ -339,11 +339,12 @@ class Trainer:
             if value is not None:
                 record[key] = value
         peak, base, kind = self._peak_memory()
-        mem = torch.tensor([peak, base], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():  # the worst rank; every rank logs here, so no hang
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-        record.update(peak_mem_bytes=int(mem[0]), peak_mem_base_bytes=int(mem[1]), peak_mem_kind=kind)
-        record["unreadable_train"] = self._unreadable_count(self.cfg.data.train_split, len(self.train_ds))
+        split = self.cfg.data.train_split
+        # One reduction for the worst rank's memory and the unreadable files any rank has met
+        # (every rank logs here, so no hang).
+        peak, base, unreadable = self._max_over_ranks(peak, base, len(self.task.unreadable(split)))
+        record.update(peak_mem_bytes=peak, peak_mem_base_bytes=base, peak_mem_kind=kind)
+        record["unreadable_train"] = self._check_unreadable(split, unreadable, len(self.train_ds))
         record["step_time_s"] = elapsed / max(self.window_samples / t.global_batch, 1)
         if self.flops_per_sample:
             record["flops_per_sample"] = self.flops_per_sample
@@ -465,14 +466,20 @@ class Trainer:
                 log.info(line)
         return result
 
-    def _unreadable_count(self, split: str, total: int) -> int:
-        """Unreadable files of `split` met so far by any worker of any rank, each counted once (the
-        run dir's journal, beit_scale/data/datasets.py); the ranks agree on it (MAX), so more than
-        data.max_unreadable_frac of the split fails the run on every rank at once."""
-        n = torch.tensor([len(self.task.unreadable(split))], dtype=torch.float64, device=self.device)
+    def _max_over_ranks(self, *values: int) -> list[int]:
+        v = torch.tensor(values, dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        n = int(n.item())
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return [int(x) for x in v.tolist()]
+
+    def _unreadable_count(self, split: str, total: int) -> int:
+        n, = self._max_over_ranks(len(self.task.unreadable(split)))
+        return self._check_unreadable(split, n, total)
+
+    def _check_unreadable(self, split: str, n: int, total: int) -> int:
+        """`n`: unreadable files of `split` met so far by any worker of any rank, each counted once
+        (the run dir's journal, beit_scale/data/datasets.py), agreed by every rank (MAX), so more
+        than data.max_unreadable_frac of the split fails the run on every rank at once."""
         limit = self.cfg.data.max_unreadable_frac
         if n > limit * total:
             self._report_unreadable()
