@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretraining_helps import PY, launch, rows  # noqa: E402 - the same launch/record helpers
+from pretraining_helps import PY, launch, reusable, rows  # noqa: E402 - the same launch/record helpers
 
 ARM_LABELS = {"scratch": "(a) scratch", "mim": "(b) MIM-pretrained",
               "intermediate": "(c) MIM + classification fine-tuning"}
@@ -102,9 +102,11 @@ def main(argv=None) -> int:
         print(f"segmentation seed {seed}", flush=True)
         for arm, (init, ld) in starts.items():
             rd = out / f"{arm}_s{seed}"
-            if not a.report_only:
-                launch("segment.py", rd, common + [f"train.seed={seed}", f"init.from={init}",
-                                                   f"optim.layer_decay={ld}"], log, timings)
+            sets = common + [f"train.seed={seed}", f"init.from={init}", f"optim.layer_decay={ld}"]
+            if a.report_only or reusable(rd, sets, a.seg_steps):
+                print(f"  reusing {rd.name}", flush=True) if not a.report_only else None
+            else:
+                launch("segment.py", rd, sets, log, timings)
             arms[arm].append(rows(rd, "eval"))
 
     # ---- table
