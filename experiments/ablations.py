@@ -11,7 +11,9 @@ linear probe of the frozen backbone for
   pixel regression with random masking          mim.target=pixels  data.mask_mode=random
   BEiT with half the pretraining steps          (its own schedule over pt_steps / 2)
   training from scratch                         (probe column: a frozen random backbone)
-then which of the paper's orderings hold here, with the difference and its spread. Writes
+and, with --miou_seeds N, the mIoU after segmentation fine-tuning of each (experiments/segmentation.py's
+budget on the embedded segmentation set); then which of the paper's orderings hold here, with the
+difference and its spread. Writes
 OUT/table.md, OUT/curves.png (fine-tuning and probe top-1 vs step, mean over seeds) and
 OUT/timings.json.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretraining_helps import REPO, add_budget_args, common_sets, launch, reusable, rows  # noqa: E402  (same folder)
+from segmentation import add_seg_args, seg_common_sets, segment_run  # noqa: E402
 
 # arm -> (label, pretraining sets beyond the BEiT arm's, pretraining steps as a fraction)
 ARMS = {
@@ -112,22 +115,39 @@ def finetune(a, out: Path, common: list[str], mims: dict[str, Path], log: Path, 
     return res
 
 
-def table(a, res: dict, mims: dict[str, Path]) -> tuple[str, str]:
-    lines = ["| variant | fine-tuned top-1 | linear probe top-1 | pretraining steps | held-out MIM |",
-             "|---|---|---|---|---|"]
+def segment(a, out: Path, mims: dict[str, Path], log: Path, timings: dict) -> dict:
+    """-> {arm: [segmentation eval rows per seed]} (the mIoU column)."""
+    common, res = seg_common_sets(a), {arm: [] for arm in ARMS}
+    for seed in range(a.miou_seeds):
+        for arm in ARMS:
+            print(f"segmentation {arm} seed {seed}", flush=True)
+            init, decay = (mims[arm], a.layer_decay) if arm in mims else ("scratch", 1.0)
+            res[arm].append(segment_run(a, out / f"seg_{arm}_s{seed}", common, seed, init, decay, log, timings))
+    return res
+
+
+def table(a, res: dict, mims: dict[str, Path], seg: dict | None = None) -> tuple[str, str]:
+    seg = seg or {arm: [] for arm in ARMS}
+    with_seg = any(seg.values())
+    lines = ["| variant | fine-tuned top-1 | linear probe top-1 |" + (" segmentation mIoU |" if with_seg else "")
+             + " pretraining steps | held-out MIM |", "|---|---|---|" + ("---|" if with_seg else "") + "---|---|"]
     for arm, (label, _, frac) in ARMS.items():
         ft = [r[-1]["val_top1"] for r in res[arm]["ft"]]
         pr = [r[-1]["val_top1"] for r in res[arm]["probe"]]
         steps = int(a.pt_steps * frac) if arm in mims else 0
         probe = "-" if a.no_probe else _fmt(pr) + (" (random backbone)" if arm == "scratch" else "")
-        lines.append(f"| {label} | **{_fmt(ft)}** | {probe} "
-                     f"| {steps} | {_mim_metric(mims[arm]) if arm in mims else '-'} |")
-    checks = ["| paper's ordering | fine-tuned: difference (points) | holds? | linear probe: difference | holds? |",
-              "|---|---|---|---|---|"]
+        miou = f" {_fmt([r[-1]['val_mIoU'] for r in seg[arm]])} |" if with_seg else ""
+        lines.append(f"| {label} | **{_fmt(ft)}** | {probe} |{miou} "
+                     f"{steps} | {_mim_metric(mims[arm]) if arm in mims else '-'} |")
+    checks = ["| paper's ordering | fine-tuned: difference (points) | holds? | linear probe: difference | holds? |"
+              + (" mIoU: difference | holds? |" if with_seg else ""), "|---|---|---|---|---|" + ("---|---|" if with_seg else "")]
     for hi, lo in ORDERINGS:
         cells = []
-        for kind in ("ft", "probe"):
-            d = [x[-1]["val_top1"] - y[-1]["val_top1"] for x, y in zip(res[hi][kind], res[lo][kind])]
+        for kind in ("ft", "probe") + (("seg",) if with_seg else ()):
+            if kind == "seg":
+                d = [x[-1]["val_mIoU"] - y[-1]["val_mIoU"] for x, y in zip(seg[hi], seg[lo])]
+            else:
+                d = [x[-1]["val_top1"] - y[-1]["val_top1"] for x, y in zip(res[hi][kind], res[lo][kind])]
             if not d:
                 cells += ["-", "-"]
                 continue
@@ -171,12 +191,18 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning / probe seeds per arm")
     add_budget_args(p)
     p.add_argument("--no_probe", action="store_true", help="fine-tuning only (halves the fine-tuning launches)")
+    p.add_argument("--miou_seeds", type=int, default=0,
+                   help="segmentation seeds per arm for the mIoU column (0: no column; ~5.5 min per run on 2 cores)")
+    add_seg_args(p)
     p.add_argument("--out", default=str(REPO / "runs" / "ablations"))
     p.add_argument("--report_only", action="store_true", help="launch nothing: rebuild from the runs in OUT")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log, timings, t0 = out / "launch.log", {}, time.time()
+    log, t0 = out / "launch.log", time.time()
+    # Launch times accumulate over invocations that add runs (e.g. the probes, later the mIoU column).
+    earlier = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    timings = {k: v for k, v in earlier.items() if k != "total_min"}
     common = common_sets(a)   # the same as pretraining_helps.py's, so that its runs are reusable here
     tok = out / "tokenizer"
     tok_sets = ["data.num_workers=1", f"tokenizer.vocab_size={a.vocab}", f"data.second_input_size={a.size // 2}",
@@ -189,18 +215,21 @@ def main(argv=None) -> int:
         launch("train_tokenizer.py", tok, tok_sets, log, timings)
     mims = pretrain(a, out, common, tok / "tokenizer.safetensors", log, timings)
     res = finetune(a, out, common, mims, log, timings)
+    seg = segment(a, out, mims, log, timings)
 
-    main_table, checks = table(a, res, mims)
+    main_table, checks = table(a, res, mims, seg)
     tok_eval = rows(tok, "eval")[-1]
-    total_min = (time.time() - t0) / 60
-    if a.report_only and (out / "timings.json").exists():
-        total_min = json.loads((out / "timings.json").read_text())["total_min"]
+    total_min = (time.time() - t0) / 60 + earlier.get("total_min", 0.0)
     budget = (f"{a.model} at {a.size}px; tokenizer {a.tok_steps} steps (vocab {a.vocab}, {tok_eval['val_codes_used']} "
               f"codes used on val images); MIM {a.pt_steps} steps x {a.batch} images (half: {a.pt_steps // 2}), mask "
               f"ratio {a.mask_ratio}; fine-tuning (lr {a.ft_lr}, layer decay {a.layer_decay}, scratch 1.0) and "
               f"linear probe (lr {a.probe_lr}) {a.ft_steps} steps x {a.batch} images; {a.seeds} seeds; top-1 on "
               f"{'all 500' if not a.eval_batches else a.eval_batches * 16} val images, final step, mean ± std; "
               f"chance 10.0; 'holds' = the mean difference exceeds its std over seeds; wall time {total_min:.1f} min")
+    if a.miou_seeds:
+        budget += (f"; mIoU: {a.decoder} ({a.channels} ch) on the embedded segmentation set at {a.size}px, "
+                   f"{a.seg_steps} steps x {a.seg_batch} images, lr {a.seg_lr}, {a.miou_seeds} seed(s), all 500 val "
+                   f"images (experiments/segmentation.py's budget)")
     text = budget + "\n\n" + main_table + "\n\n" + checks + "\n"
     print("\n" + text, flush=True)
     png = out / "curves.png"

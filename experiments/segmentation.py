@@ -56,6 +56,40 @@ def pretrain(a, pt_out: Path, log: Path, timings: dict) -> tuple[Path, Path]:
     return mim, cls
 
 
+def add_seg_args(p: argparse.ArgumentParser) -> None:
+    """The segmentation budget (shared with ablations.py's mIoU column)."""
+    p.add_argument("--seg_steps", type=int, default=800,
+                   help="below ~300 steps every arm predicts background only (measured: mIoU 0.073 = the prior at 200)")
+    p.add_argument("--seg_lr", type=float, default=2e-3)
+    p.add_argument("--decoder", default="upernet", choices=("upernet", "pup"))
+    p.add_argument("--channels", type=int, default=64, help="decoder width")
+    p.add_argument("--seg_batch", type=int, default=16)
+    p.add_argument("--seg_eval_batches", type=int, default=0, help="x seg_batch images per evaluation (0: all 500)")
+
+
+def seg_common_sets(a) -> list[str]:
+    """--set values every segmentation launch of these experiments shares."""
+    return [f"model.name={a.model}", f"model.img_size={a.size}", "model.num_classes=11", "model.drop_path=0.0",
+            f"segment.decoder={a.decoder}", f"segment.channels={a.channels}",
+            f"segment.aux_channels={a.channels // 2}", "data.num_workers=1", "train.log_every=10",
+            f"train.global_batch={a.seg_batch}", f"train.micro_batch={a.seg_batch}", f"train.max_steps={a.seg_steps}",
+            f"train.eval_every={max(1, a.seg_steps // 4)}", f"train.eval_batches={a.seg_eval_batches}",
+            f"optim.lr={a.seg_lr}", "optim.warmup_steps=10", "optim.min_lr=1e-6", "optim.schedule=poly",
+            "checkpoint.resume=none", "checkpoint.overwrite=true"]
+
+
+def segment_run(a, rd: Path, common: list[str], seed: int, init, layer_decay: float, log: Path,
+                timings: dict) -> list[dict]:
+    """One segmentation fine-tuning (reused when a finished run of the same settings is in rd): its eval rows."""
+    sets = common + [f"train.seed={seed}", f"init.from={init}", f"optim.layer_decay={layer_decay}"]
+    if a.report_only or reusable(rd, sets, a.seg_steps):
+        if not a.report_only:
+            print(f"  reusing {rd.name}", flush=True)
+    else:
+        launch("segment.py", rd, sets, log, timings)
+    return rows(rd, "eval")
+
+
 def ms(xs) -> str:
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
@@ -66,14 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--model", default="beit_mini")
     p.add_argument("--size", type=int, default=112, help="pretraining resolution and segmentation crop")
-    p.add_argument("--seg_steps", type=int, default=800,
-                   help="below ~300 steps every arm predicts background only (measured: mIoU 0.073 = the prior at 200)")
-    p.add_argument("--seg_lr", type=float, default=2e-3)
+    add_seg_args(p)
     p.add_argument("--layer_decay", type=float, default=0.85, help="pretrained arms; scratch uses 1.0")
-    p.add_argument("--decoder", default="upernet", choices=("upernet", "pup"))
-    p.add_argument("--channels", type=int, default=64, help="decoder width")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--eval_batches", type=int, default=0, help="x batch images per evaluation (0: all 500)")
     p.add_argument("--pt_out", default=str(REPO / "runs" / "pretraining_helps"),
                    help="where pretraining_helps.py keeps (or makes) the tokenizer, MIM and classification runs")
     p.add_argument("--pt_args", default="", help="more arguments for pretraining_helps.py, e.g. "
@@ -88,26 +116,14 @@ def main(argv=None) -> int:
     mim, cls = (Path(a.pt_out) / "mim_r0", Path(a.pt_out) / "pretrained_s0") if a.report_only else \
         pretrain(a, Path(a.pt_out), log, timings)
 
-    common = [f"model.name={a.model}", f"model.img_size={a.size}", "model.num_classes=11", "model.drop_path=0.0",
-              f"segment.decoder={a.decoder}", f"segment.channels={a.channels}",
-              f"segment.aux_channels={a.channels // 2}", "data.num_workers=1", "train.log_every=10",
-              f"train.global_batch={a.batch}", f"train.micro_batch={a.batch}", f"train.max_steps={a.seg_steps}",
-              f"train.eval_every={max(1, a.seg_steps // 4)}", f"train.eval_batches={a.eval_batches}",
-              f"optim.lr={a.seg_lr}",
-              "optim.warmup_steps=10", "optim.min_lr=1e-6", "optim.schedule=poly",
-              "checkpoint.resume=none", "checkpoint.overwrite=true"]
+    common = seg_common_sets(a)
     starts = {"scratch": ("scratch", 1.0), "mim": (mim, a.layer_decay), "intermediate": (cls, a.layer_decay)}
     arms = {k: [] for k in ARM_LABELS}
     for seed in range(a.seeds):
         print(f"segmentation seed {seed}", flush=True)
         for arm, (init, ld) in starts.items():
             rd = out / f"{arm}_s{seed}"
-            sets = common + [f"train.seed={seed}", f"init.from={init}", f"optim.layer_decay={ld}"]
-            if a.report_only or reusable(rd, sets, a.seg_steps):
-                print(f"  reusing {rd.name}", flush=True) if not a.report_only else None
-            else:
-                launch("segment.py", rd, sets, log, timings)
-            arms[arm].append(rows(rd, "eval"))
+            arms[arm].append(segment_run(a, rd, common, seed, init, ld, log, timings))
 
     # ---- table
     first = arms["scratch"][0][0]["step"]
@@ -124,10 +140,10 @@ def main(argv=None) -> int:
     if a.report_only and (out / "timings.json").exists():
         total_min = json.loads((out / "timings.json").read_text())["total_min"]
     budget = (f"{a.model} + {a.decoder} ({a.channels} ch) at {a.size}px crops on the embedded segmentation set "
-              f"(2600 train / 500 val images, 11 classes); {a.seg_steps} steps x {a.batch} images "
-              f"({a.seg_steps * a.batch / 2600:.1f} epochs), lr {a.seg_lr}, poly, layer decay {a.layer_decay} "
+              f"(2600 train / 500 val images, 11 classes); {a.seg_steps} steps x {a.seg_batch} images "
+              f"({a.seg_steps * a.seg_batch / 2600:.1f} epochs), lr {a.seg_lr}, poly, layer decay {a.layer_decay} "
               f"(pretrained arms) / 1.0 (scratch); {a.seeds} seeds; starts: (b) {mim}, (c) {cls}; "
-              f"evaluation on {'all 500' if not a.eval_batches else a.eval_batches * a.batch} val images; "
+              f"evaluation on {'all 500' if not a.seg_eval_batches else a.seg_eval_batches * a.seg_batch} val images; "
               f"wall time {total_min:.1f} min")
     table = "\n".join(lines)
     print("\n" + budget + "\n\n" + table, flush=True)
