@@ -82,10 +82,11 @@ def tokenizer_quality(path: Path, imgs: torch.Tensor) -> tuple[dict, torch.Tenso
     return {"recon_mse": mse(recon, imgs), **codebook_usage(ids)}, recon
 
 
-def pick(results: list[dict], limit_s: float) -> dict | None:
+def pick(results: list[dict], limit_s: float, headroom: float = 0.8) -> dict | None:
     """The best variant the demo can afford: the lowest reconstruction MSE among those whose whole
-    demo fits the time limit and whose MIM still beats the majority token by 1.5x (the demo test's bar)."""
-    ok = [r for r in results if r["demo_s"] <= limit_s and r["mim_acc"] >= 1.5 * r["majority_acc"]]
+    demo takes at most headroom x the time limit here (a slower or busier 2-core machine must still
+    make the limit) and whose MIM still beats the majority token by 1.5x (the demo test's bar)."""
+    ok = [r for r in results if r["demo_s"] <= headroom * limit_s and r["mim_acc"] >= 1.5 * r["majority_acc"]]
     return min(ok, key=lambda r: r["recon_mse"]) if ok else None
 
 
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--images", type=int, default=256, help="validation images for MSE and code use")
     p.add_argument("--limit_s", type=float, default=DEMO_LIMIT_S, help="the demo's time limit")
+    p.add_argument("--headroom", type=float, default=0.8,
+                   help="pick only variants whose demo takes at most this fraction of the limit here")
     p.add_argument("--mim_steps", type=int, default=MIM_STEPS, help="the demo's MIM steps (change only to test)")
     p.add_argument("--out", default=str(REPO / "runs" / "tokenizer_quality"))
     p.add_argument("--report_only", action="store_true", help="launch nothing; rebuild the report from OUT")
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
                         "tokenizer_s": timings[f"{name}/tokenizer"], "mim_s": timings[f"{name}/mim"],
                         "demo_s": timings[f"{name}/tokenizer"] + timings[f"{name}/mim"]})
 
-    best = pick(results, a.limit_s)
+    best = pick(results, a.limit_s, a.headroom)
     ref_line = ", ".join(f"{k} {mse(r, imgs):.5f}" for k, r in refs.items())
     lines = [f"Reconstruction MSE from argmax tokens on {len(imgs)} validation images (112 px centre crops); "
              f"references without training: {ref_line}. MIM: the demo's {a.mim_steps} steps (beit_mini, 224 px), "
@@ -144,14 +147,15 @@ def main(argv=None) -> int:
              "tokenizer s | MIM s | demo s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mark = " **(picked)**" if best is r else ""
-        over = " (over)" if r["demo_s"] > a.limit_s else ""
+        over = " (over the limit)" if r["demo_s"] > a.limit_s else \
+            " (over the headroom)" if r["demo_s"] > a.headroom * a.limit_s else ""
         lines.append(f"| hidden {r['hidden_dim']}, vocab {r['vocab_size']}, {r['steps']} steps{mark} | "
                      f"{r['recon_mse']:.5f} | {r['codes_used']}/{r['vocab_size']} | {r['perplexity']:.1f} | "
                      f"{r['mim_acc']:.3f} | {r['majority_acc']:.3f} | {r['mim_acc'] / r['majority_acc']:.2f}x | "
                      f"{r['tokenizer_s']:.0f} | {r['mim_s']:.0f} | {r['demo_s']:.0f}{over} |")
-    lines += ["", f"picked: {best['variant'] if best else 'none (no variant fits the limit and beats 1.5x majority)'}"
-              " (lowest reconstruction MSE among variants whose demo fits the limit and whose MIM accuracy is "
-              ">= 1.5x the majority token's)"]
+    lines += ["", f"picked: {best['variant'] if best else 'none (no variant fits and beats 1.5x majority)'}"
+              f" (lowest reconstruction MSE among variants whose demo takes at most {a.headroom:.0%} of the limit here "
+              f"and whose MIM accuracy is >= 1.5x the majority token's)"]
     table = "\n".join(lines)
     print("\n" + table, flush=True)
     (out / "table.md").write_text(table + "\n")

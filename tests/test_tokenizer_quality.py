@@ -38,13 +38,14 @@ def test_token_reconstruction_mse_and_code_use(tmp_path):
     assert q["codes_used"] == len(ids.unique())
 
 
-def test_pick_takes_the_lowest_mse_that_fits_the_limit_and_beats_the_majority():
+def test_pick_takes_the_lowest_mse_that_fits_the_limit_with_headroom_and_beats_the_majority():
     rows = [dict(variant="fast", recon_mse=0.009, demo_s=300, mim_acc=0.30, majority_acc=0.10),
             dict(variant="slow", recon_mse=0.004, demo_s=700, mim_acc=0.30, majority_acc=0.10),
             dict(variant="unpredictable", recon_mse=0.005, demo_s=400, mim_acc=0.12, majority_acc=0.10),
             dict(variant="good", recon_mse=0.006, demo_s=500, mim_acc=0.20, majority_acc=0.10)]
-    assert tq.pick(rows, 600)["variant"] == "good"
-    assert tq.pick(rows, 800)["variant"] == "slow"
+    assert tq.pick(rows, 600, headroom=1.0)["variant"] == "good"
+    assert tq.pick(rows, 800, headroom=1.0)["variant"] == "slow"
+    assert tq.pick(rows, 800)["variant"] == "good"  # 700 s is over 80% of 800 s
     assert tq.pick(rows[2:3], 600) is None
 
 
