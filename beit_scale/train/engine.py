@@ -105,6 +105,31 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_after_run(status: int) -> None:
+    """The launcher's way out after a run that returned normally (finished, paused, or stopping for
+    a requeue, with every rank agreeing). With more than one rank: a barrier, flush, then
+    ``os._exit(status)``. Why not the interpreter's exit: even after ``destroy_process_group``,
+    DeepSpeed keeps references to process groups whose gloo threads are destroyed during
+    interpreter shutdown, and a rank whose peer has already gone then aborts ("terminate called
+    without an active exception", status -6) after a run that succeeded (seen in
+    test_elastic_resume_2_to_1_to_2 on the 2-core CI VM). The trainer has already closed its
+    metrics file and tensorboard writer and joined the checkpoint finalizer. One rank: the normal
+    teardown, and return."""
+    import logging
+    import os
+    import sys
+
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        shutdown_distributed()
+        return
+    dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def optimizer_class(ds_config: dict):
     """AdamW, or DeepSpeed's CPU Adam when the optimizer state is offloaded to CPU (DeepSpeed
     refuses a torch optimizer there unless zero_force_ds_cpu_optimizer is false)."""
